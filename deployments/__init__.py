@@ -1,0 +1,1 @@
+"""Deployments as code (nightly finetune on the `gpu` work pool)."""

@@ -1,0 +1,115 @@
+"""`slmforge …`: one command per flow. Settings come from the same pydantic models the flows take."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from slmforge.config import ConfigError, describe_options, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _options_help() -> str:
+    lines = ["settings (--set KEY=VALUE, or the same keys nested in --config YAML):"]
+    for key, default, desc in describe_options():
+        lines.append(f"  {key} (default {default})")
+        if desc:
+            lines += textwrap.wrap(desc, width=88, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slmforge", description="Choose, compare, quantize and QLoRA-fine-tune small LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser(
+        "finetune",
+        help="run the finetune flow (prepare → 4-bit base → QLoRA → merge → evaluate → publish)",
+        description="Run the finetune flow. With no options: bundled SmolLM2-135M, bundled Korean Q&A, "
+                    "local store under ./.slmforge/store, no network.",
+        epilog=_options_help() + "\n\nexample:\n  slmforge finetune --set train.max_steps=20 --set data.source=qa.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ft.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the settings below")
+    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting (repeatable), e.g. --set train.epochs=2")
+    ft.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    rec = sub.add_parser("recommend", help="suggest models for a memory budget and use case (the tutorial's §9)")
+    rec.add_argument("--memory-gb", type=float, required=True, help="GPU (or CPU) memory available, in GB")
+    rec.add_argument("--use-case", default="general",
+                     help="general, chat, coding, math, reasoning, multilingual, edge, function-calling")
+    rec.add_argument("--finetune", action="store_true", help="also require that QLoRA training fits")
+    rec.add_argument("--korean", action="store_true", help="only models whose card lists Korean")
+    rec.add_argument("--context", type=int, default=2048, help="context length for the KV-cache estimate")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_finetune(args) -> int:
+    import yaml
+
+    from slmforge.data import DataError
+    from slmforge.modeling import ModelSourceError
+    from tasks.storage import ArtifactStore, StoreError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))
+        return 0
+    # Fail in seconds, before Prefect starts or any weights load.
+    from tasks.dataset import validate_data
+    from tasks.validate import check_inputs
+
+    try:
+        check_inputs(cfg)
+        validate_data(cfg.data, ArtifactStore.from_config(cfg.storage))
+    except (ConfigError, DataError, ModelSourceError, StoreError) as e:
+        return _fail(str(e))
+
+    from flows.finetune import finetune
+    from slmforge.report import markdown_table
+
+    try:
+        out = finetune(cfg)
+    except (ConfigError, DataError, ModelSourceError, StoreError) as e:
+        return _fail(str(e))
+    print("\nWhere everything went:")
+    for name in ("dataset", "base", "quantized", "adapter", "merged", "report"):
+        print(f"  {name:10s} {out[name]}")
+    print(f"\nBefore/after on the held-out split ({out['report']}/report.md):\n")
+    print(markdown_table(out["table"]))
+    pub = out["publish"]
+    print("\n" + (f"Published: {pub['location']}" if pub["published"] else pub["reason"]))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from slmforge.selection import format_recommendations, recommend
+
+    try:
+        cands = recommend(args.memory_gb, args.use_case, finetune=args.finetune, korean=args.korean,
+                          context=args.context)
+    except ValueError as e:
+        return _fail(str(e))
+    print(format_recommendations(cands, memory_gb=args.memory_gb, use_case=args.use_case))
+    return 0 if cands else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    return {"finetune": cmd_finetune, "recommend": cmd_recommend}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

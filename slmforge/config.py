@@ -1,0 +1,244 @@
+"""Typed settings: one pydantic model per stage, composed into `FinetuneConfig`.
+
+The same model is the CLI's `--set` keys, the YAML file's schema and the form the Prefect UI
+draws for the flow's parameter. Every value is checked here, before any model loads, so a typo
+fails in a second with the field's dotted name instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the Q&A pairs come from and how they become chat turns."""
+
+    source: str = Field(
+        "bundled:korean-qa",
+        description="`bundled:korean-qa`, a local/object-store JSONL/JSON/CSV/Parquet file, or `hf:<dataset id>`.",
+    )
+    split: str = Field("train", description="Split to read for a Hugging Face dataset source.")
+    question_field: str = Field("question", description="Column holding the question (user turn).")
+    answer_field: str = Field("answer", description="Column holding the reference answer (assistant turn).")
+    key_field: str = Field("key", description="Column holding the key fact(s) a correct answer must contain.")
+    system_prompt: str | None = Field(None, description="Optional system turn prepended to every example.")
+    max_length: int = Field(256, ge=16, le=131072, description="Longest templated example in tokens.")
+    overlong: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples.")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Fail when more rows than this are bad.")
+    train_limit: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
+    test_limit: int | None = Field(
+        64, ge=1, description="Evaluate on at most N held-out rows, balanced across test parts."
+    )
+    test_fraction: float = Field(
+        0.15, gt=0.0, lt=0.9, description="Held-out share for a user file that has no `split` column."
+    )
+
+
+class ModelConfig(_Section):
+    """The base model and how it is quantized for training."""
+
+    source: str = Field(
+        "smollm2-135m-instruct",
+        description="A bundled alias (`smollm2-135m-instruct`), a local directory, or a Hub model id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub model id.")
+    load_in_4bit: bool = Field(True, description="Load the base in 4-bit NF4 for QLoRA (False: plain LoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Matmul dtype of the 4-bit layers; `auto` = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; `auto` picks FlashAttention 2 when installed on GPU, else SDPA."
+    )
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape (the tutorial's §5.2 defaults)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="`all-linear` or a list of module-name suffixes, e.g. [q_proj, v_proj]."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Fully trained modules; leave empty unless tokens were added (costs memory and speed).",
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation. CPU-sized by default; the README lists the tutorial's GPU recipe."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
+    batch_size: int = Field(8, ge=1, description="Micro-batch per step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations to save memory; `auto` = on for GPU, off on CPU."
+    )
+    packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
+    logging_steps: int = Field(1, ge=1)
+    seed: int = Field(42, description="Seed for adapter init and data order.")
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation before/after."""
+
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Greedy generation budget per answer.")
+    batch_size: int = Field(16, ge=1)
+    primary_metric: Literal["key_accuracy", "char_f1", "exact_match"] = Field("key_accuracy")
+    min_improvement: float = Field(
+        0.05, description="Publish only if the tuned model beats the base by this much on the primary metric."
+    )
+    samples: int = Field(8, ge=0, description="Side-by-side sample answers in the report.")
+    seed: int = Field(0)
+
+
+class PublishConfig(_Section):
+    """Where a run that passed the gate goes."""
+
+    hub_repo: str | None = Field(None, description="`user/name` on the Hub; empty = dry run into the store.")
+    hub_endpoint: str = Field("https://huggingface.co", description="Hub API base URL (a mirror, a test server).")
+    private: bool = Field(True)
+    revision: str = Field("main", description="Branch to commit to.")
+    push_merged: bool = Field(False, description="Also push the merged bf16 model.")
+    token_secret_block: str = Field("hf-token", description="Prefect Secret block holding the token (else HF_TOKEN).")
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}", v) or ".." in v or "--" in v:
+            raise ValueError(f"{v!r} is not a Hub repo id of the form `user/name`")
+        return v
+
+
+class StorageConfig(_Section):
+    """The artifact store. Credentials never go here: s3fs reads them from AWS_* variables."""
+
+    url: str = Field(
+        "file://./.slmforge/store",
+        description="`file://DIR` (relative to the working directory) or `s3://bucket/prefix`.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (SeaweedFS, MinIO); default from AWS_ENDPOINT_URL or AWS."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" not in v:
+            v = "file://" + v
+        scheme = v.split("://", 1)[0]
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"unsupported store scheme {scheme!r}; use file:// or s3://")
+        if scheme == "s3" and not v[len("s3://") :].strip("/"):
+            raise ValueError("an s3:// store needs a bucket: s3://bucket/prefix")
+        return v
+
+
+class FinetuneConfig(_Section):
+    """Everything one fine-tuning run needs; the finetune flow's single parameter."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the field."""
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists: `3`, `true`, `null`, `[q_proj, v_proj]`, `s3://b/p`."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=2")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """YAML file (optional) + `key=value` overrides -> validated config, or ConfigError naming the field."""
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (data, model, train, ...)")
+        data = loaded or {}
+    if overrides:
+        origin += " + --set"
+        data = apply_overrides(data, overrides)
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+
+
+def describe_options(model: type[BaseModel] = FinetuneConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every setting: the CLI's --help is generated from this."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_options(ann, f"{prefix}{name}.")
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,133 @@
+"""Held-out evaluation: greedy answers with the model's chat template, answer loss, and metrics
+per test part and per category."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from slmforge import metrics
+
+METRICS = ("key_accuracy", "exact_match", "char_f1", "chrf", "answer_chars", "stopped_with_eos")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int,
+                     seed: int = 0, progress=None) -> list[dict]:
+    """Greedy, batched (left-padded) generation. Records carry `prompt_ids` from the prepare stage."""
+    torch.manual_seed(seed)
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    out: list[dict] = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        width = max(len(r["prompt_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["prompt_ids"])
+            ids[i, width - n:] = torch.tensor(r["prompt_ids"])
+            mask[i, width - n:] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
+        )
+        for i, _ in enumerate(batch):
+            new = gen[i, width:].tolist()
+            stopped = eos_id in new
+            if stopped:
+                new = new[: new.index(eos_id)]
+            out.append({
+                "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                "stopped_with_eos": float(stopped),
+                "new_tokens": len(new),
+            })
+        if progress:
+            progress(min(start + batch_size, len(records)), len(records))
+    return out
+
+
+@torch.no_grad()
+def answer_losses(model, records: list[dict], batch_size: int, pad_id: int) -> list[float]:
+    """Mean cross-entropy per record over its labelled (assistant) tokens only."""
+    device = _device(model)
+    losses: list[float] = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        tok_loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+            ignore_index=-100, reduction="none").view(shift_labels.shape)
+        valid = (shift_labels != -100).float()
+        per = (tok_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
+        losses += per.tolist()
+    return losses
+
+
+def aggregate(items: list[dict]) -> dict:
+    """Overall, per test part and per category means of every metric, plus counts."""
+    def summarise(group: list[dict]) -> dict:
+        s = {m: metrics.mean(it[m] for it in group) for m in METRICS}
+        loss = metrics.mean(it["answer_loss"] for it in group)
+        s["answer_loss"] = loss
+        s["perplexity"] = math.exp(loss) if loss is not None else None
+        s["n"] = len(group)
+        return s
+
+    by_part, by_cat = defaultdict(list), defaultdict(list)
+    for it in items:
+        by_part[it.get("part") or "all"].append(it)
+        by_cat[it.get("category") or "uncategorised"].append(it)
+    return {
+        "overall": summarise(items),
+        "by_part": {k: summarise(v) for k, v in sorted(by_part.items())},
+        "by_category": {k: summarise(v) for k, v in sorted(by_cat.items())},
+    }
+
+
+def evaluate_model(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int,
+                   seed: int = 0, progress=None) -> dict:
+    """Answers, per-item scores and aggregates for one model on the held-out records."""
+    answers = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, seed, progress)
+    losses = answer_losses(model, records, batch_size, tokenizer.pad_token_id)
+    items = []
+    for rec, ans, loss in zip(records, answers, losses):
+        reference = rec["messages"][-1]["content"]
+        question = next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "user")
+        items.append({
+            "id": rec["id"], "part": rec.get("part"), "category": rec.get("category"),
+            "question": question, "reference": reference, "key": rec.get("key"),
+            "answer": ans["answer"], "stopped_with_eos": ans["stopped_with_eos"], "new_tokens": ans["new_tokens"],
+            "answer_loss": loss,
+            **metrics.score_answer(ans["answer"], reference, rec.get("key")),
+        })
+    return {"items": items, "summary": aggregate(items)}
+
+
+@torch.no_grad()
+def max_logit_diff(model_a, model_b, records: list[dict], n: int = 4) -> float:
+    """Largest absolute difference of next-token logits between two models on a few inputs."""
+    worst = 0.0
+    for rec in records[:n]:
+        ids = torch.tensor([rec["input_ids"]])
+        a = model_a(input_ids=ids.to(_device(model_a))).logits.float().cpu()
+        b = model_b(input_ids=ids.to(_device(model_b))).logits.float().cpu()
+        worst = max(worst, (a - b).abs().max().item())
+    return worst

@@ -1,0 +1,99 @@
+"""Answer metrics that work for Korean.
+
+Key accuracy (does the answer contain the item's key fact, or an accepted variant?) is the primary
+metric: it scores facts, not wording. Character-level F1 and chrF are reported beside it because
+word-level metrics mislead in Korean (particles attach to words), but they flatter a model that
+merely echoes the question, which is why they are not the gate's default.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+
+_PUNCT = re.compile(r"[\s\.,!?;:'\"“”‘’()\[\]{}<>~`·…\-–—/\\]+")
+
+
+def normalize(text: str) -> str:
+    """NFKC, lowercase, whitespace and punctuation removed."""
+    return _PUNCT.sub("", unicodedata.normalize("NFKC", text or "").lower())
+
+
+def _digits_ok(answer: str, key: str, start: int) -> bool:
+    """A numeric key must not be part of a longer number ('12' is not in '112' or '1.25')."""
+    if not key[:1].isdigit() and not key[-1:].isdigit():
+        return True
+    before = answer[start - 1] if start > 0 else ""
+    after = answer[start + len(key)] if start + len(key) < len(answer) else ""
+    return not (before.isdigit() or after.isdigit())
+
+
+def contains_key(answer: str, keys: list[str] | None) -> bool:
+    """True if any accepted variant occurs in the answer (normalised; numbers as whole numbers)."""
+    if not keys:
+        return False
+    norm = unicodedata.normalize("NFKC", answer or "").lower()
+    squeezed = normalize(answer)
+    for key in keys:
+        k = unicodedata.normalize("NFKC", key).lower().strip()
+        if not k:
+            continue
+        if any(ch.isdigit() for ch in k):
+            for m in re.finditer(re.escape(k), norm):
+                if _digits_ok(norm, k, m.start()):
+                    return True
+        elif normalize(k) and normalize(k) in squeezed:
+            return True
+    return False
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 over the multiset of characters of the normalised strings."""
+    p, r = Counter(normalize(prediction)), Counter(normalize(reference))
+    if not p and not r:
+        return 1.0
+    overlap = sum((p & r).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(p.values()), overlap / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def chrf(prediction: str, reference: str, n: int = 6, beta: float = 2.0) -> float:
+    """chrF (Popović 2015): character n-gram F-beta averaged over n = 1..6, whitespace removed."""
+    hyp, ref = re.sub(r"\s+", "", prediction or ""), re.sub(r"\s+", "", reference or "")
+    precisions, recalls = [], []
+    for k in range(1, n + 1):
+        h = Counter(hyp[i:i + k] for i in range(len(hyp) - k + 1))
+        r = Counter(ref[i:i + k] for i in range(len(ref) - k + 1))
+        if not h or not r:
+            continue
+        overlap = sum((h & r).values())
+        precisions.append(overlap / sum(h.values()))
+        recalls.append(overlap / sum(r.values()))
+    if not precisions:
+        return 0.0
+    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    if p == 0 and r == 0:
+        return 0.0
+    return (1 + beta**2) * p * r / (beta**2 * p + r)
+
+
+def score_answer(prediction: str, reference: str, keys: list[str] | None) -> dict:
+    return {
+        "key_accuracy": float(contains_key(prediction, keys)) if keys else None,
+        "exact_match": float(exact_match(prediction, reference)),
+        "char_f1": char_f1(prediction, reference),
+        "chrf": chrf(prediction, reference),
+        "answer_chars": len(prediction or ""),
+    }
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,481 @@
+"""Model selection guide: the tutorial's catalog comparison (§2.3) and §9 flowchart as code.
+
+Why: the tutorial answers "which small LLM?" with a flowchart and a rule-of-thumb memory table.
+Here the flowchart picks the candidate families, and the architecture-based estimates in
+:mod:`slmforge.memory` decide what actually fits, at which precision, for inference and for
+QLoRA. Everything works offline from ``data/model_catalog.yaml``; the Hub is read only when
+``compare_models(..., use_hub=True)`` asks for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .memory import (
+    GB,
+    ModelShape,
+    inference_bytes,
+    kv_cache_bytes,
+    normalize_precision,
+    parse_param_count,
+    qlora_training_bytes,
+    weight_bytes,
+)
+
+#: repo's data/model_catalog.yaml (this file's parent's parent).
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "data" / "model_catalog.yaml"
+
+#: §9: "memory < 8 GB?" → the small branch; "small" = up to 2 B parameters (SmolLM2-1.7B,
+#: Qwen2.5-1.5B, Llama-3.2-1B, and the 1.5B specialists; not Gemma-2-2B at 2.6 B).
+SMALL_MEMORY_GB = 8.0
+SMALL_MAX_PARAMS = 2.0e9
+
+#: CUDA context + allocator slack that the estimators leave out (nvidia-smi sees it,
+#: torch.cuda.max_memory_allocated does not).
+DEFAULT_OVERHEAD_GB = 0.5
+
+#: QLoRA recipe used for the training estimate (tutorial §5.3); the rest of
+#: :func:`slmforge.memory.lora_training_bytes`'s defaults are its conservative ones (fp32
+#: adapters, fp32 non-quantized params after prepare_model_for_kbit_training, full logits).
+QLORA_RECIPE = {"r": 16, "seq_len": 512, "batch_size": 4, "gradient_checkpointing": True}
+
+USE_CASE_ALIASES = {
+    "general": "general", "chat": "general", "general_chat": "general", "general-chat": "general",
+    "coding": "coding", "code": "coding", "coder": "coding",
+    "math": "math", "reasoning": "math", "math/reasoning": "math", "math-reasoning": "math",
+    "multilingual": "multilingual", "multi-lingual": "multilingual", "translation": "multilingual",
+    "edge": "edge", "mobile": "edge", "on-device": "edge",
+    "function-calling": "function-calling", "function_calling": "function-calling",
+    "function calling": "function-calling", "tools": "function-calling", "tool-use": "function-calling",
+}
+#: catalog ``use_cases`` tag for each normalized use case.
+USE_CASE_TAG = {"general": "chat"}
+
+#: §9 flowchart: families per use case, and the reason text.
+FLOWCHART: dict[str, dict[str, Any]] = {
+    "coding": {
+        "families": ["Qwen2.5-Coder"],
+        "why": "§9 coding → Qwen-Coder; DeepSeek-Coder and CodeLlama, also named there, are not in the catalog",
+    },
+    "math": {
+        "families": ["Phi-3", "Phi-3.5", "Phi-4", "Qwen2.5-Math", "DeepSeek-R1-Distill-Qwen"],
+        "why": "§9 math/reasoning → Phi-3/4, Qwen-Math, DeepSeek-R1 distills",
+    },
+    "multilingual": {"families": ["Qwen2.5", "Gemma 2"], "why": "§9 multilingual → Qwen2.5, Gemma 2"},
+    "general": {"families": ["Llama 3.2", "Qwen2.5", "Gemma 2"], "why": "§9 general → Llama 3.2, Qwen2.5, Gemma 2"},
+    "edge": {"families": ["SmolLM2", "Qwen2.5", "Llama 3.2"], "why": "§2.2 edge → SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B"},
+    "function-calling": {"families": [], "why": "§1.2 function calling (7B–14B suggested): card lists tool use"},
+}
+CODING_NOT_IN_CATALOG = "the tutorial's other coding picks, DeepSeek-Coder and CodeLlama, are not in the catalog"
+SMALL_BRANCH_FAMILIES = ("SmolLM2", "Qwen2.5", "Llama 3.2")
+SMALL_BRANCH_WHY = "§9 memory < 8 GB → SmolLM, Qwen-0.5B/1.5B, Llama-1B"
+
+_QUALITY = ("bf16", "int8", "nf4")
+QUANTIZATION_MODES = {
+    "auto": _QUALITY,              # best quality that fits
+    "quality": ("bf16",),
+    "balance": ("int8", "nf4"),
+    "memory": ("nf4",),
+}
+_PRECISION_WHY = {
+    "bf16": "bf16: fits unquantized (best quality)",
+    "int8": "8-bit (LLM.int8): bf16 does not fit; balance of quality and memory",
+    "nf4": "4-bit NF4: short of memory for 8-bit",
+}
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> tuple[dict[str, Any], ...]:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    return tuple(data["models"])
+
+
+def load_catalog(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Catalog entries (dicts as in the YAML); default ``data/model_catalog.yaml`` of the repo."""
+    return copy.deepcopy(list(_load(str(Path(path or DEFAULT_CATALOG).resolve()))))
+
+
+def catalog_entry(model_id: str, catalog: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The entry for ``model_id`` (case-insensitive), or None."""
+    for e in catalog if catalog is not None else load_catalog():
+        if e["id"].lower() == model_id.lower():
+            return dict(e)
+    return None
+
+
+def normalize_use_case(use_case: str) -> str:
+    key = str(use_case).strip().lower()
+    if key not in USE_CASE_ALIASES:
+        raise ValueError(f"unknown use case {use_case!r}; use one of {sorted(set(USE_CASE_ALIASES.values()))}")
+    return USE_CASE_ALIASES[key]
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _estimates(shape: ModelShape, context: int) -> dict[str, float]:
+    return {
+        "bf16_gb": weight_bytes(shape, "bf16") / GB,
+        "int8_gb": weight_bytes(shape, "int8") / GB,
+        "nf4_gb": weight_bytes(shape, "nf4") / GB,
+        "kv_cache_gb": kv_cache_bytes(shape, context) / GB,
+        "qlora_gb": qlora_training_bytes(shape, **QLORA_RECIPE)["total"] / GB,
+    }
+
+
+def _hub_lookup(model_id: str) -> tuple[Any, Any, list[str]]:
+    """(config, model_info, errors) from the Hub; either may be None."""
+    errors: list[str] = []
+    config = info = None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_id)  # no trust_remote_code: catalog models are native
+    except Exception as exc:  # gated, offline, unknown id ...
+        errors.append(f"config: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(model_id)
+    except Exception as exc:
+        errors.append(f"model_info: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    return config, info, errors
+
+
+def compare_models(
+    model_ids: Iterable[str],
+    use_hub: bool = False,
+    *,
+    context: int = 2048,
+    catalog: Iterable[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Compare models as the tutorial's ``compare_models()`` does, returning one dict per model.
+
+    Rows hold the config fields (hidden size, layers, heads, KV heads, vocab, context), licence,
+    languages, downloads/likes (Hub only) and the estimated weights at bf16/int8/nf4, the KV
+    cache at ``context`` and the QLoRA training estimate, all in GB. With ``use_hub`` the config
+    comes from ``AutoConfig.from_pretrained`` and the stats from ``HfApi().model_info``; any
+    failure (offline, gated, ``HF_HUB_OFFLINE=1``) falls back to the catalog and is recorded in
+    ``hub_error``. Without ``use_hub`` nothing touches the network.
+    """
+    cat = list(catalog) if catalog is not None else load_catalog()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    rows = []
+    for model_id in model_ids:
+        entry = catalog_entry(model_id, cat)
+        row: dict[str, Any] = {"model_id": model_id, "source": "catalog" if entry else None}
+        config = info = None
+        if use_hub and not offline:
+            config, info, errors = _hub_lookup(model_id)
+            if errors:
+                row["hub_error"] = "; ".join(errors)
+        elif use_hub:
+            row["hub_error"] = "HF_HUB_OFFLINE is set"
+
+        published = entry.get("params") if entry else None
+        if info is not None and getattr(info, "safetensors", None) is not None:
+            published = getattr(info.safetensors, "total", None) or published
+        if config is not None:
+            shape = ModelShape.from_config(config, published, model_id)
+            row["source"] = "hub"
+        elif entry is not None:
+            shape = ModelShape.from_catalog(entry)
+        else:
+            row["error"] = "not in the catalog" + ("" if use_hub else " (use_hub=False)")
+            rows.append(row)
+            continue
+
+        max_ctx = getattr(config, "max_position_embeddings", None) if config is not None else None
+        row.update(
+            family=entry.get("family") if entry else None,
+            model_type=shape.model_type,
+            params=shape.params,
+            params_from_shape=shape.param_count(),
+            num_hidden_layers=shape.num_hidden_layers,
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_attention_heads=shape.num_attention_heads,
+            num_key_value_heads=shape.num_key_value_heads,
+            head_dim=shape.head_dim,
+            vocab_size=shape.vocab_size,
+            tie_word_embeddings=shape.tie_word_embeddings,
+            max_context=max_ctx or (entry.get("max_context") if entry else None),
+            license=(entry or {}).get("license"),
+            languages=(entry or {}).get("languages", []),
+            korean=bool((entry or {}).get("korean", False)),
+            use_cases=(entry or {}).get("use_cases", []),
+            downloads=None,
+            likes=None,
+        )
+        if info is not None:
+            row["downloads"] = getattr(info, "downloads", None)
+            row["likes"] = getattr(info, "likes", None)
+            card = getattr(info, "card_data", None) or getattr(info, "cardData", None)
+            lic = getattr(card, "license", None) if card is not None else None
+            if lic:
+                row["license"] = lic
+            if row["source"] == "catalog":
+                row["source"] = "catalog+hub stats"
+        row.update({k: round(v, 3) for k, v in _estimates(shape, context).items()})
+        if entry and entry.get("notes"):
+            row["notes"] = " ".join(str(entry["notes"]).split())
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[Mapping[str, Any]]) -> str:
+    """Plain-text table of :func:`compare_models` rows."""
+    cols = [
+        ("model", lambda r: r["model_id"]),
+        ("params", lambda r: _fmt_params(r.get("params"))),
+        ("layers", lambda r: r.get("num_hidden_layers", "")),
+        ("hidden", lambda r: r.get("hidden_size", "")),
+        ("heads/kv", lambda r: f"{r['num_attention_heads']}/{r['num_key_value_heads']}" if "num_attention_heads" in r else ""),
+        ("vocab", lambda r: r.get("vocab_size", "")),
+        ("ctx", lambda r: r.get("max_context", "")),
+        ("bf16 GB", lambda r: _f(r.get("bf16_gb"))),
+        ("int8 GB", lambda r: _f(r.get("int8_gb"))),
+        ("nf4 GB", lambda r: _f(r.get("nf4_gb"))),
+        ("QLoRA GB", lambda r: _f(r.get("qlora_gb"))),
+        ("licence", lambda r: r.get("license") or ""),
+        ("downloads", lambda r: f"{r['downloads']:,}" if r.get("downloads") is not None else "-"),
+    ]
+    text = _table([c[0] for c in cols], [[str(fn(r)) for _, fn in cols] for r in rows if "error" not in r])
+    errors = [f"{r['model_id']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join([text] + errors)
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+@dataclass
+class Candidate:
+    """One recommendation. Memory figures are GB (1e9 B) and include ``overhead_gb``."""
+
+    model_id: str
+    family: str
+    params: int
+    precision: str
+    inference_gb: float
+    weights_gb: float
+    kv_cache_gb: float
+    overhead_gb: float
+    training_gb: float | None
+    method: str
+    license: str
+    korean: bool
+    max_context: int
+    rank: int
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _rank(entry: Mapping[str, Any], use_case: str, small_branch: bool) -> int:
+    """0: the flowchart's family for the use case; 1: catalog-tagged for the use case (or, in
+    the small branch, the §9 small list); 2: anything else (a fallback only)."""
+    tag = USE_CASE_TAG.get(use_case, use_case)
+    fam = entry.get("family")
+    if use_case == "edge":
+        in_flow = fam in FLOWCHART["edge"]["families"] and parse_param_count(entry["params"]) <= SMALL_MAX_PARAMS
+    else:
+        in_flow = fam in FLOWCHART[use_case]["families"]
+    if in_flow or (small_branch and tag in entry.get("use_cases", [])):
+        return 0
+    if tag in entry.get("use_cases", []) or (small_branch and fam in SMALL_BRANCH_FAMILIES):
+        return 1
+    return 2
+
+
+def recommend(
+    memory_gb: float,
+    use_case: str = "general",
+    finetune: bool = False,
+    korean: bool = False,
+    context: int = 2048,
+    *,
+    quantization: str = "auto",
+    overhead_gb: float = DEFAULT_OVERHEAD_GB,
+    top_k: int | None = None,
+    qlora: Mapping[str, Any] | None = None,
+    catalog: Iterable[Mapping[str, Any]] | None = None,
+) -> list[Candidate]:
+    """Walk the §9 flowchart for a memory budget and return the catalog models that fit.
+
+    1. ``memory_gb < 8`` → only small models (≤ 2 B params): the use case's specialists first,
+       then SmolLM2 / Qwen2.5-0.5B/1.5B / Llama-3.2-1B.
+    2. Otherwise by use case: coding → Qwen2.5-Coder; math → Phi, Qwen2.5-Math, R1 distills;
+       multilingual → Qwen2.5, Gemma 2; general → Llama 3.2, Qwen2.5, Gemma 2; then other
+       catalog models tagged with the use case. Untagged models only if none of those fit.
+    3. Precision (``quantization="auto"``): the best of bf16 → int8 → nf4 whose weights + bf16
+       KV cache (``context`` tokens, batch 1) + ``overhead_gb`` fit. ``"quality"``/``"balance"``
+       /``"memory"`` or an explicit precision restrict the choice.
+    4. ``finetune`` → QLoRA (NF4 base, LoRA r=16 all-linear, AdamW, checkpointing, seq 512,
+       batch 4) must fit too; its estimate is reported in ``training_gb`` (None otherwise).
+       ``qlora`` overrides :data:`QLORA_RECIPE` / ``lora_training_bytes`` arguments, e.g.
+       ``{"full_logits": False, "adapter_dtype": "bf16"}`` for trl ≥ 1's SFTTrainer.
+    5. ``korean`` → only models whose card lists Korean; if no such model serves the use case,
+       Korean-listed models of any use case, saying so.
+
+    Models whose ``max_context`` is below ``context`` are left out. Sorted by rank, then larger
+    models first (a bigger model at 4 bit usually beats a smaller one at 16 bit), then precision.
+    """
+    uc = normalize_use_case(use_case)
+    cat = list(catalog) if catalog is not None else load_catalog()
+    small_branch = memory_gb < SMALL_MEMORY_GB
+    if quantization in QUANTIZATION_MODES:
+        order = QUANTIZATION_MODES[quantization]
+    else:
+        order = (normalize_precision(quantization),)
+
+    found: list[Candidate] = []
+    for entry in cat:
+        params = parse_param_count(entry["params"])
+        if small_branch and params > SMALL_MAX_PARAMS:
+            continue
+        if korean and not entry.get("korean"):
+            continue
+        if context > int(entry.get("max_context") or 0):
+            continue
+        shape = ModelShape.from_catalog(entry)
+        chosen = None
+        for prec in order:
+            inf = inference_bytes(shape, prec, context)
+            if inf["total"] / GB + overhead_gb <= memory_gb:
+                chosen = (prec, inf)
+                break
+        if chosen is None:
+            continue
+        training_gb = None
+        if finetune:
+            training_gb = qlora_training_bytes(shape, **{**QLORA_RECIPE, **(qlora or {})})["total"] / GB + overhead_gb
+            if training_gb > memory_gb:
+                continue
+        prec, inf = chosen
+        rank = _rank(entry, uc, small_branch)
+        found.append(
+            Candidate(
+                model_id=entry["id"],
+                family=entry["family"],
+                params=params,
+                precision=prec,
+                inference_gb=round(inf["total"] / GB + overhead_gb, 3),
+                weights_gb=round(inf["weights"] / GB, 3),
+                kv_cache_gb=round(inf["kv_cache"] / GB, 3),
+                overhead_gb=overhead_gb,
+                training_gb=None if training_gb is None else round(training_gb, 3),
+                method="QLoRA + SFTTrainer" if finetune else "use as is",
+                license=entry.get("license", ""),
+                korean=bool(entry.get("korean")),
+                max_context=int(entry["max_context"]),
+                rank=rank,
+                why="",
+            )
+        )
+
+    best = min((c.rank for c in found), default=None)
+    keep_max = 1 if best is not None and best <= 1 else 2
+    out = [c for c in found if c.rank <= keep_max]
+    out.sort(key=lambda c: (c.rank, -c.params, _QUALITY.index(c.precision) if c.precision in _QUALITY else 9))
+    for c in out:
+        c.why = _why(c, uc, small_branch, korean, context, memory_gb, quantization)
+    return out[:top_k] if top_k else out
+
+
+def _why(c: Candidate, uc: str, small_branch: bool, korean: bool, context: int,
+         memory_gb: float, quantization: str) -> str:
+    parts = []
+    if small_branch:
+        parts.append(SMALL_BRANCH_WHY + (f"; suits {uc}" if c.rank == 0 else ""))
+    if c.rank == 0 and not small_branch:
+        parts.append(FLOWCHART[uc]["why"])
+    elif c.rank == 1 and not small_branch:
+        parts.append(f"catalog tags it for {uc}")
+    elif c.rank == 2:
+        parts.append(f"fallback: no {uc} model fits" + (" and lists Korean" if korean else ""))
+    if uc == "coding" and c.rank == 0 and small_branch:
+        parts.append(CODING_NOT_IN_CATALOG)
+    if korean:
+        parts.append("card lists Korean")
+    if quantization == "auto":
+        parts.append(_PRECISION_WHY[c.precision])
+    else:
+        parts.append(f"{c.precision} as requested ({quantization})")
+    parts.append(
+        f"inference ≈ {c.inference_gb:.2f} GB (weights {c.weights_gb:.2f} + KV {c.kv_cache_gb:.2f} at "
+        f"{context} tokens + {c.overhead_gb:.1f} runtime) of {memory_gb:g} GB"
+    )
+    if c.training_gb is not None:
+        parts.append(
+            f"QLoRA ≈ {c.training_gb:.2f} GB (NF4 base, LoRA r=16 all-linear, AdamW, "
+            f"checkpointing, seq 512 × batch 4)"
+        )
+    parts.append(f"licence {c.license}")
+    return f"{c.model_id.split('/')[-1]} ({_fmt_params(c.params)}): " + "; ".join(parts) + "."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_recommendations(
+    candidates: list[Candidate],
+    memory_gb: float | None = None,
+    use_case: str | None = None,
+    *,
+    show_why: bool = True,
+) -> str:
+    """Plain-text table of :func:`recommend`'s candidates for a CLI, reasons listed below."""
+    title = "Recommended models"
+    if memory_gb is not None or use_case:
+        title += " for " + ", ".join(x for x in (use_case, f"{memory_gb:g} GB" if memory_gb is not None else None) if x)
+    if not candidates:
+        return title + ": none of the catalog models fits; try 4-bit, a shorter context or more memory."
+    train = any(c.training_gb is not None for c in candidates)
+    header = ["#", "model", "params", "precision", "infer GB"] + (["QLoRA GB"] if train else []) + ["licence"]
+    rows = [
+        [str(i), c.model_id, _fmt_params(c.params), c.precision, _f(c.inference_gb)]
+        + ([_f(c.training_gb)] if train else []) + [c.license]
+        for i, c in enumerate(candidates, 1)
+    ]
+    text = title + "\n" + _table(header, rows)
+    if show_why:
+        text += "\n\n" + "\n".join(f"{i}. {c.why}" for i, c in enumerate(candidates, 1))
+    return text
+
+
+__all__ = [
+    "DEFAULT_CATALOG",
+    "Candidate",
+    "load_catalog",
+    "catalog_entry",
+    "normalize_use_case",
+    "compare_models",
+    "format_comparison",
+    "recommend",
+    "format_recommendations",
+]

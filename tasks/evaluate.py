@@ -1,0 +1,114 @@
+"""Stage 5: the base and the fine-tuned model on the held-out split; report, charts, samples."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import torch
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from slmforge import modeling as M
+from slmforge import report as R
+from slmforge.config import EvalConfig, StorageConfig
+from slmforge.data import read_jsonl
+from slmforge.evaluation import evaluate_model
+from tasks.caching import STAGE_CACHE
+from tasks.retry import gpu_retry
+from tasks.storage import ArtifactStore, content_hash
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def hardware() -> dict:
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
+    import os
+
+    return {"device": f"CPU ({platform.processor() or platform.machine()})", "cpu_threads": torch.get_num_threads(),
+            "cores": os.cpu_count()}
+
+
+def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: EvalConfig, store: ArtifactStore,
+                   log=print) -> dict:
+    key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump()])}"
+    if store.exists(key):
+        return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
+    test = read_jsonl(store.get_dir(dataset["key"]) / "test.jsonl")
+    mode = "bf16" if M.on_gpu() else "fp32"  # CPUs run bf16 matmuls slowly
+    results = {}
+    for name, model_key in (("base", base["base"]["key"]), ("fine-tuned", merged["key"])):
+        model_dir = store.get_dir(model_key)
+        model = M.load_model(model_dir, mode)
+        tokenizer = M.load_tokenizer(model_dir)
+        log(f"evaluating {name} on {len(test)} held-out questions")
+        results[name] = evaluate_model(model, tokenizer, test, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+        del model
+        M.free_memory()
+    summaries = {n: r["summary"]["overall"] for n, r in results.items()}
+    staging = store.staging_dir(key)
+    R.loss_chart(adapter.get("loss_curve") or json.loads(
+        (store.get_dir(adapter["key"]) / "train_metrics.json").read_text())["loss_curve"], staging / "loss_curve.png")
+    R.bars_chart(results, staging / "key_accuracy_by_part.png", "by_part")
+    R.bars_chart(results, staging / "key_accuracy_by_category.png", "by_category")
+    table = R.comparison_rows(summaries)
+    samples = R.samples_table(results, cfg.samples)
+    report = {
+        "summary": {n: r["summary"] for n, r in results.items()},
+        "items": {n: r["items"] for n, r in results.items()},
+        "generation": {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                       "seed": cfg.seed, "dtype": mode},
+        "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"]},
+        "model": base["base"]["source"],
+        "merge_check": merged.get("merge_check"),
+        "train": adapter.get("train"),
+        "versions": versions(),
+        "hardware": hardware(),
+    }
+    (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    md = markdown_report(report, table, results, samples)
+    (staging / "report.md").write_text(md, encoding="utf-8")
+    meta = {"summary": {n: r["summary"] for n, r in results.items()}, "table": table, "samples": samples,
+            "primary": cfg.primary_metric}
+    store.commit_dir(staging, key, meta=meta)
+    return {"key": key, "uri": store.uri(key), **meta}
+
+
+def markdown_report(report: dict, table: list[dict], results: dict, samples: list[dict]) -> str:
+    t = report.get("train") or {}
+    return "\n\n".join([
+        "# slmforge fine-tune report",
+        f"Model `{report['model']['location']}`; data `{report['dataset']['source']}` "
+        f"(fingerprint `{report['dataset']['fingerprint']}`); "
+        f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
+        "## Before / after (held-out split)", R.markdown_table(table),
+        "## Key accuracy per test part", R.markdown_table(R.group_table(results, "by_part")),
+        "## Key accuracy per category", R.markdown_table(R.group_table(results, "by_category")),
+        "![loss curve](loss_curve.png)\n\n![by part](key_accuracy_by_part.png)\n\n"
+        "![by category](key_accuracy_by_category.png)",
+        "## Samples", R.markdown_table(samples),
+        "## Reproduce", f"Generation: `{json.dumps(report['generation'])}`\n\nVersions: `{json.dumps(report['versions'])}`"
+        f"\n\nHardware: `{json.dumps(report['hardware'])}`",
+    ])
+
+
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", **gpu_retry())
+def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, eval: EvalConfig, storage: StorageConfig) -> dict:
+    logger = get_run_logger()
+    store = ArtifactStore.from_config(storage)
+    record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info)
+    create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics, base vs fine-tuned")
+    create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
+    create_markdown_artifact(key="finetune-report", markdown=(
+        f"Report: `{record['uri']}/report.md`\n\n" + R.markdown_table(record["table"])),
+        description="Fine-tune evaluation report")
+    return record

@@ -1,0 +1,67 @@
+"""Stage 2: resolve the base model, materialise it once as safetensors, quantize it to 4-bit NF4
+and save the quantized checkpoint so training loads it without quantizing again."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+
+from slmforge import modeling as M
+from slmforge.config import ModelConfig, StorageConfig
+from tasks.caching import STAGE_CACHE
+from tasks.retry import gpu_retry
+from tasks.storage import ArtifactStore, content_hash
+
+
+def base_key(model: ModelConfig) -> str:
+    return f"models/base/{content_hash([model.source, model.revision])}"
+
+
+def materialise_base(model: ModelConfig, store: ArtifactStore, log=print) -> dict:
+    src = M.resolve_source(model.source, model.revision)
+    key = base_key(model)
+    if not store.exists(key):
+        log(f"materialising {model.source} into {store.uri(key)}")
+        staging = store.staging_dir(key)
+        info = M.materialise(src, staging)
+        store.commit_dir(staging, key, meta={"source": src.describe(), **info})
+    return {"key": key, "uri": store.uri(key), "source": src.describe(), **store.manifest(key)["meta"]}
+
+
+def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=print) -> dict:
+    compute = M.resolve_compute_dtype(model.compute_dtype)
+    settings = {"base": base["key"], "4bit": model.load_in_4bit, "quant_type": model.quant_type,
+                "double_quant": model.double_quant, "compute": str(compute), "gpu": M.on_gpu()}
+    key = f"models/quantized/{content_hash(settings)}"
+    if not store.exists(key):
+        base_dir = store.get_dir(base["key"])
+        t0 = time.perf_counter()
+        mode = "4bit" if model.load_in_4bit else ("bf16" if M.on_gpu() else "fp32")
+        m = M.load_model(base_dir, mode, compute_dtype=compute, quant_type=model.quant_type,
+                         double_quant=model.double_quant, attn=M.resolve_attn(model.attn_implementation))
+        load_s = time.perf_counter() - t0
+        footprint = m.get_memory_footprint()
+        staging = store.staging_dir(key)
+        m.save_pretrained(staging, safe_serialization=True)
+        M.load_tokenizer(base_dir).save_pretrained(staging)
+        del m
+        M.free_memory()
+        store.commit_dir(staging, key, meta={**settings, "footprint_bytes": footprint, "load_s": round(load_s, 2)})
+        log(f"quantized base: {footprint / 1e6:.0f} MB in memory ({mode}, compute {compute})")
+    meta = store.manifest(key)["meta"]
+    return {"key": key, "uri": store.uri(key), "footprint_bytes": meta["footprint_bytes"],
+            "settings": settings}
+
+
+@task(name="load_base_model", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json",
+      **gpu_retry())
+def load_base_model(model: ModelConfig, storage: StorageConfig) -> dict:
+    logger = get_run_logger()
+    store = ArtifactStore.from_config(storage)
+    base = materialise_base(model, store, logger.info)
+    quantized = quantize_base(model, base, store, logger.info)
+    logger.info("base %s (%s params), quantized footprint %.0f MB", model.source,
+                f"{base.get('n_params', 0) / 1e6:.0f}M", quantized["footprint_bytes"] / 1e6)
+    return {"base": {k: base[k] for k in ("key", "uri", "source", "n_params", "architecture") if k in base},
+            "quantized": quantized}
