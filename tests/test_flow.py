@@ -1,0 +1,68 @@
+"""The finetune flow end to end under a real Prefect API, on a tiny random Llama."""
+
+import json
+
+import pytest
+
+from slmforge.config import load_config
+from tasks.storage import ArtifactStore
+
+
+def _tiny_cfg(tiny_model_dir, store_dir, **extra):
+    sets = [
+        f"model.source={tiny_model_dir}",
+        f"storage.url=file://{store_dir}",
+        "data.train_limit=16", "data.test_limit=6", "data.max_length=128",
+        "train.max_steps=2", "train.batch_size=4", "train.logging_steps=1",
+        "eval.max_new_tokens=4", "eval.batch_size=6", "eval.samples=3",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(overrides=sets)
+
+
+def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import finetune
+
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path / "store")
+    state = finetune(cfg, return_state=True)
+    assert state.is_completed(), state
+    out = state.result()
+    store = ArtifactStore(cfg.storage.url)
+    for name in ("dataset", "base", "quantized", "adapter", "merged", "report"):
+        key = out[name].split(str(tmp_path / "store") + "/", 1)[1]
+        assert store.exists(key), f"{name} has no manifest"
+    report = json.loads((store.get_dir(out["report"].split("store/", 1)[1]) / "report.json").read_text())
+    assert set(report["summary"]) == {"base", "fine-tuned"}
+    assert {"taught", "unseen"} <= set(report["summary"]["base"]["by_part"])
+    assert report["merge_check"]["max_logit_diff"] < report["merge_check"]["tolerance"]
+    assert "not published" in out["publish"]["reason"] or out["publish"]["published"]
+
+    second = finetune(cfg, return_state=True)
+    assert second.is_completed()
+    import asyncio
+
+    async def task_states(flow_run_id):
+        async with get_client() as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+    states = asyncio.run(task_states(second.state_details.flow_run_id))
+    stages = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
+    assert all(states[s] == "Cached" for s in stages), states
+
+
+def test_bad_data_fails_before_any_model_loads(prefect_api, tiny_model_dir, tmp_path):
+    from slmforge.data import DataError
+    from flows.finetune import finetune
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\nnot json\n{"question": 3, "answer": "b"}\n')
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path / "store", **{"data.source": str(bad)})
+    with pytest.raises(DataError, match="bad.jsonl"):
+        finetune(cfg)
+    store_root = tmp_path / "store"
+    written = {p.relative_to(store_root).parts[0] for p in store_root.rglob("*") if p.is_file()}
+    assert written <= {"validation", "prefect-results"}, written

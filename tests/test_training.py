@@ -1,0 +1,55 @@
+"""QLoRA on a 4-bit base must learn. The fixed set is small, so a working run memorises it; a
+broken one (frozen adapter, bf16-rounded updates, labels all masked) stays near the start."""
+
+import torch
+
+from slmforge import modeling as M
+from slmforge import training as T
+from slmforge.config import LoraSettings, TrainConfig
+from slmforge.data import encode_example
+from slmforge.evaluation import answer_losses
+
+
+def _records(tok, n=16):
+    out = []
+    for i in range(n):
+        a, b = 3 + i, 20 + 2 * i
+        msgs = [{"role": "user", "content": f"{a} 더하기 {b}는?"},
+                {"role": "assistant", "content": f"{a} 더하기 {b}는 {a + b}입니다."}]
+        ids, labels = encode_example(tok, msgs)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_nf4_qlora_learns_with_fp32_adapter(tiny_model_dir, tmp_path):
+    tok = M.load_tokenizer(tiny_model_dir)
+    recs = _records(tok)
+    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    before = sum(answer_losses(model, recs, 8, tok.pad_token_id)) / len(recs)
+    cfg = TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2, logging_steps=5)
+    peft_model, result = T.train(model, tok, recs, None, LoraSettings(dropout=0.0), cfg, tmp_path / "out")
+    assert result.adapter_dtype == "float32", "trl casts the adapter to bf16 on a k-bit base; we must undo it"
+    after = sum(answer_losses(peft_model, recs, 8, tok.pad_token_id)) / len(recs)
+    # stated margin: answer loss must fall to under half of where it started
+    assert after < 0.5 * before, (before, after, result.loss_curve)
+    assert result.steps == 30
+
+
+def test_lora_target_modules_that_match_nothing_fail_early(tiny_model_dir):
+    model = M.load_model(tiny_model_dir, "fp32")
+    try:
+        T.check_target_modules(model, ["q_proj", "nonexistent_proj"])
+    except ValueError as e:
+        assert "lora.target_modules" in str(e) and "nonexistent_proj" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_oom_retry_keeps_the_effective_batch():
+    from tasks.train import micro_batch_after_ooms
+
+    cfg = TrainConfig(batch_size=8, grad_accum=2)
+    assert micro_batch_after_ooms(cfg, 0) == (8, 2)
+    assert micro_batch_after_ooms(cfg, 2) == (2, 8)
+    assert micro_batch_after_ooms(cfg, 10) == (1, 16)
