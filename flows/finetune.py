@@ -35,7 +35,7 @@ def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     adapter = stage(train_qlora)(dataset, base, cfg.model, cfg.lora, cfg.train, cfg.storage)
     merged = stage(merge_adapter)(adapter, base, dataset, cfg.storage)
     report = stage(evaluate)(dataset, base, merged, adapter, cfg.eval, cfg.storage)
-    published = stage(publish)(cfg, dataset, base, adapter, report)
+    published = stage(publish)(cfg, dataset, base, adapter, report, merged=merged)
 
     logger.info("report: %s/report.md", report["uri"])
     return {"dataset": dataset["uri"], "base": base["base"]["uri"], "quantized": base["quantized"]["uri"],

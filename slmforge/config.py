@@ -119,7 +119,12 @@ class PublishConfig(_Section):
     hub_endpoint: str = Field("https://huggingface.co", description="Hub API base URL (a mirror, a test server).")
     private: bool = Field(True)
     revision: str = Field("main", description="Branch to commit to.")
-    push_merged: bool = Field(False, description="Also push the merged bf16 model.")
+    commit_message: str | None = Field(
+        None,
+        description="Hub commit message; may use {run}, {primary}, {base}, {tuned}. "
+        "Default: `slmforge <run>: <primary> <base> -> <tuned>`.",
+    )
+    push_merged: bool = Field(False, description="Also push the merged bf16 model (under `merged/`).")
     token_secret_block: str = Field("hf-token", description="Prefect Secret block holding the token (else HF_TOKEN).")
 
     @field_validator("hub_repo")

@@ -1,16 +1,40 @@
-"""The quality gate, the model card, and the push to the Hugging Face Hub."""
+"""The quality gate, the model card, and the push to the Hugging Face Hub.
+
+No Prefect at import time (the Secret block is imported lazily), so this runs on a bare machine.
+The token is passed in, never logged, and every message that leaves this module goes through
+`redact_text` first.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from pathlib import Path
 
 import yaml
 
-from slmforge.report import markdown_table
+from slmforge.report import group_table, markdown_table
+
+# Bundled aliases -> the Hub model their GGUF file was converted from (what `base_model` names).
+BUNDLED_HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+}
+CARD_METRICS = ("key_accuracy", "char_f1", "chrf", "exact_match", "answer_loss", "perplexity")
+TEXT_SUFFIXES = {".md", ".json", ".txt", ".jinja", ".yaml", ".yml", ".csv", ".py", ".model_card"}
+SCAN_LIMIT = 64 * 1024 * 1024  # secrets are looked for in files up to this size (weights are bigger)
+PUSH_ATTEMPTS = 4
+PUSH_BASE_DELAY = 2.0  # seconds; doubled each attempt, with jitter
+MIN_SECRET_LEN = 6  # shorter "secrets" would mangle unrelated text
 
 
+class PublishError(RuntimeError):
+    """Publishing failed; the message says why and never contains the token."""
+
+
+# -- the gate ---------------------------------------------------------------------------------
 def gate(primary: str, tuned: float | None, base: float | None, min_improvement: float,
          last_published: float | None) -> tuple[bool, str]:
     """Publish only a clear improvement over the base that is no worse than what is already out."""
@@ -25,41 +49,90 @@ def gate(primary: str, tuned: float | None, base: float | None, min_improvement:
         f" (last published {last_published:.3f})" if last_published is not None else "")
 
 
-def model_card(*, repo_id: str | None, base_model: str, licence: str | None, metrics_rows: list[dict],
-               summary_tuned: dict, primary: str, config: dict, fingerprint: str, flow_run: str | None,
-               dataset: str) -> str:
-    """README.md with Hub metadata (base_model, library_name: peft, model-index) and a how-to-load."""
-    overall = summary_tuned["overall"]
-    meta = {
-        "base_model": base_model,
+# -- the model card ---------------------------------------------------------------------------
+def base_model_id(source: dict, configured: str) -> str | None:
+    """The Hub id the card's `base_model` names: the Hub id itself, the original of a bundled GGUF,
+    or None for a local directory (a path is no Hub id)."""
+    if source.get("kind") == "hub":
+        return source.get("location")
+    return BUNDLED_HUB_IDS.get(configured)
+
+
+def dataset_name(source: str) -> str:
+    """`hf:org/name` -> `org/name`; `bundled:korean-qa` -> `korean-qa`; a path or URL -> its file stem."""
+    if source.startswith("hf:"):
+        return source[3:]
+    if source.startswith("bundled:"):
+        return source.split(":", 1)[1]
+    return Path(source.rstrip("/").rsplit("/", 1)[-1]).stem or source
+
+
+def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, licence: str | None,
+               metrics_rows: list[dict], summaries: dict[str, dict], primary: str, config: dict,
+               fingerprint: str, dataset: str, flow_run: dict | None = None, train: dict | None = None,
+               merged: bool = False, revision: str = "main", content_hash: str | None = None,
+               bundled_note: str | None = None) -> str:
+    """README.md: Hub metadata (base_model, library_name: peft, licence, datasets, model-index with
+    the fine-tuned metrics), the before/after tables, how to load it, the training config, the data
+    fingerprint and the Prefect flow run it came from."""
+    tuned = summaries["fine-tuned"]["overall"]
+    repo = repo_id or "<user>/<repo>"
+    ds = dataset_name(dataset)
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+    meta.update({
         "library_name": "peft",
         "license": licence or "other",
-        "tags": ["slmforge", "qlora", "lora", "korean"],
+        "pipeline_tag": "text-generation",
+        "tags": ["slmforge", "qlora", "lora", "peft", "korean"],
         "language": ["ko"],
-        "datasets": [dataset],
+        "datasets": [ds],
         "model-index": [{
-            "name": repo_id or "slmforge-adapter",
+            "name": repo,
             "results": [{
                 "task": {"type": "text-generation", "name": "Question answering"},
-                "dataset": {"name": dataset, "type": dataset, "split": "test"},
+                "dataset": {"name": ds, "type": ds, "split": "test"},
                 "metrics": [
-                    {"type": name, "name": name.replace("_", " "), "value": round(float(overall[name]), 4)}
-                    for name in ("key_accuracy", "char_f1", "chrf", "exact_match", "answer_loss")
-                    if overall.get(name) is not None
+                    {"type": name, "name": name.replace("_", " "), "value": round(float(tuned[name]), 4)}
+                    for name in CARD_METRICS if tuned.get(name) is not None
                 ],
             }],
         }],
-    }
-    repo = repo_id or "<user>/<repo>"
+    })
+    base_ref = base_model or base_label
+    rev_arg = "" if revision == "main" else f', revision="{revision}"'
+    run = flow_run or {}
+    run_line = ""
+    if run.get("name") or run.get("id"):
+        run_line = f"Prefect flow run: `{run.get('name') or run.get('id')}`"
+        if run.get("id") and run.get("name"):
+            run_line += f" (id `{run['id']}`)"
+        if run.get("url"):
+            run_line += f" — <{run['url']}>"
+    per_part = group_table({n: {"summary": s} for n, s in summaries.items()}, "by_part") \
+        if all("by_part" in s for s in summaries.values()) else []
+    t = train or {}
+    train_line = ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in ("steps", "epochs", "train_loss", "runtime_s")
+                           if t.get(k) is not None)
+    merged_section = f"""
+The merged model (the adapter folded into the base) is in the `merged/` folder:
+
+```python
+model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged"{rev_arg}, device_map="auto", dtype="auto")
+```
+""" if merged else ""
     body = f"""# {repo}
 
-A LoRA adapter for `{base_model}`, fine-tuned with QLoRA by the slmforge finetune pipeline.
-
+A LoRA adapter for `{base_ref}`, fine-tuned with QLoRA by the slmforge finetune pipeline.
+{f"{chr(10)}{bundled_note}{chr(10)}" if bundled_note else ""}
 ## Evaluation (held-out split, greedy decoding)
 
 {markdown_table(metrics_rows)}
 
-Primary metric: `{primary}`. Data fingerprint: `{fingerprint}`.{f" Prefect flow run: `{flow_run}`." if flow_run else ""}
+Primary metric: `{primary}`.
+{f"{chr(10)}Key accuracy per test part:{chr(10)}{chr(10)}{markdown_table(per_part)}{chr(10)}" if per_part else ""}
+See `report.md` for the per-category breakdown, the loss curve and sample answers.
 
 ## How to load
 
@@ -67,11 +140,16 @@ Primary metric: `{primary}`. Data fingerprint: `{fingerprint}`.{f" Prefect flow 
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{base_model}", device_map="auto", dtype="auto")
-model = PeftModel.from_pretrained(base, "{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+base = AutoModelForCausalLM.from_pretrained("{base_ref}", device_map="auto", dtype="auto")
+model = PeftModel.from_pretrained(base, "{repo}"{rev_arg})
+tokenizer = AutoTokenizer.from_pretrained("{repo}"{rev_arg})
 ```
+{merged_section}
+## Provenance
 
+- Data: `{dataset}`, fingerprint `{fingerprint}`
+- {run_line or "Prefect flow run: (run outside Prefect)"}
+{f"- Result hash: `{content_hash}`{chr(10)}" if content_hash else ""}{f"- Training: {train_line}{chr(10)}" if train_line else ""}
 ## Training configuration
 
 ```yaml
@@ -81,35 +159,186 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}")
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + body
 
 
-def hub_token(secret_block: str | None) -> str | None:
-    """The Hub token: a Prefect Secret block if one of that name exists, else HF_TOKEN. Never logged."""
+def front_matter(card: str) -> dict:
+    """The YAML metadata block of a model card (what the Hub parses)."""
+    if not card.startswith("---\n"):
+        raise ValueError("model card has no YAML front matter")
+    block, sep, _ = card[4:].partition("\n---\n")
+    if not sep:
+        raise ValueError("model card front matter is not closed by '---'")
+    return yaml.safe_load(block) or {}
+
+
+def commit_message(template: str | None, run: str | None, primary: str, base: float, tuned: float) -> str:
+    """The configured message with {run}/{primary}/{base}/{tuned} filled in, or the default one."""
+    values = {"run": run or "run", "primary": primary, "base": f"{base:.3f}", "tuned": f"{tuned:.3f}"}
+    if not template:
+        return f"slmforge {values['run']}: {primary} {values['base']} -> {values['tuned']}"
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError):
+        return template
+
+
+# -- the token --------------------------------------------------------------------------------
+def hub_token_source(secret_block: str | None) -> tuple[str | None, str]:
+    """(token, where it came from): a Prefect Secret block if one of that name exists, else HF_TOKEN.
+    The description names the source, never the value."""
     if secret_block:
         try:
             from prefect.blocks.system import Secret
 
-            return Secret.load(secret_block, _sync=True).get()
+            value = Secret.load(secret_block, _sync=True).get()
+            if isinstance(value, str) and value.strip():
+                return value.strip(), f"Prefect Secret block {secret_block!r}"
         except Exception:  # noqa: BLE001 - no block, no API: fall back to the environment
             pass
-    return os.environ.get("HF_TOKEN") or None
+    env = (os.environ.get("HF_TOKEN") or "").strip()
+    if env:
+        return env, "HF_TOKEN"
+    where = f"Prefect Secret block {secret_block!r} or HF_TOKEN" if secret_block else "HF_TOKEN"
+    return None, where
+
+
+def hub_token(secret_block: str | None) -> str | None:
+    """The Hub token: a Prefect Secret block if one of that name exists, else HF_TOKEN. Never logged."""
+    return hub_token_source(secret_block)[0]
+
+
+# -- keeping secrets out ----------------------------------------------------------------------
+def _usable(secrets: list[str | None]) -> list[str]:
+    return sorted({s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str | None]) -> str:
+    for s in _usable(secrets):
+        text = text.replace(s, "***")
+    return text
+
+
+def redact(obj, secrets: list[str | None]):
+    """Replace any secret value that slipped into a record with '***'."""
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    for s in _usable(secrets):
+        text = text.replace(json.dumps(s, ensure_ascii=False)[1:-1], "***")
+    return json.loads(text)
+
+
+def scrub_folder(folder: Path, secrets: list[str | None]) -> list[str]:
+    """Redact secrets from the text files about to be published (rewritten, never edited in place, so
+    a hard-linked store file stays intact); refuse a binary file that holds one. Returns the files fixed."""
+    wanted = [s.encode() for s in _usable(secrets)]
+    fixed = []
+    if not wanted:
+        return fixed
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file() or p.stat().st_size > SCAN_LIMIT:
+            continue
+        data = p.read_bytes()
+        if not any(w in data for w in wanted):
+            continue
+        rel = p.relative_to(folder).as_posix()
+        if p.suffix.lower() not in TEXT_SUFFIXES:
+            raise PublishError(f"refusing to publish {rel}: it contains the Hub token")
+        for w in wanted:
+            data = data.replace(w, b"***")
+        tmp = p.with_name(p.name + ".redacted")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        fixed.append(rel)
+    return fixed
+
+
+# -- the push ---------------------------------------------------------------------------------
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def transient(exc: BaseException) -> bool:
+    """5xx, 408/429 and dropped connections are retried; 401/403/404 and other 4xx are not."""
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    # httpx's (or its fork httpx2's, which huggingface_hub 2.4 uses) connect/read/timeout errors
+    if any(k.__name__ in ("TransportError", "TimeoutException") for k in type(exc).__mro__):
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status(exc)
+    server = getattr(exc, "server_message", None)
+    first = (server or str(exc) or type(exc).__name__).strip().splitlines()[0][:300]
+    return f"HTTP {status}: {first}" if status is not None else f"{type(exc).__name__}: {first}"
+
+
+def _fatal(exc: BaseException, step: str, repo_id: str, endpoint: str, token_source: str) -> PublishError:
+    status = _status(exc)
+    if status == 401:
+        msg = (f"Hub rejected the token for {endpoint} (HTTP 401 while {step} {repo_id}); "
+               f"check the token in {token_source}")
+    elif status == 403:
+        msg = (f"Hub refused {step} {repo_id} at {endpoint} (HTTP 403): the token from {token_source} "
+               f"has no write access to that namespace")
+    elif status == 404:
+        msg = (f"Hub answered 404 while {step} {repo_id} at {endpoint}: check publish.hub_repo, "
+               f"publish.revision and publish.hub_endpoint ({_describe(exc)})")
+    elif status is not None:
+        msg = f"Hub refused {step} {repo_id} at {endpoint} ({_describe(exc)})"
+    else:
+        msg = f"{step} {repo_id} at {endpoint} failed ({_describe(exc)})"
+    return PublishError(msg)
 
 
 def push(folder: Path, repo_id: str, token: str, endpoint: str, private: bool, revision: str,
-         message: str) -> str:
-    """create_repo(exist_ok) + one upload_folder commit. Returns the commit id."""
+         message: str, *, description: str | None = None, delete_patterns: list[str] | None = None,
+         token_source: str = "HF_TOKEN", attempts: int | None = None, base_delay: float | None = None,
+         log=print) -> dict:
+    """create_repo(exist_ok) (+ the branch) + ONE upload_folder commit, retried with backoff on 5xx
+    and connection errors (the client does not retry the commit POST). Returns
+    {"commit", "commit_url"}; raises PublishError, without the token, when it cannot."""
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message)
-    return info.oid
+    attempts = attempts or PUSH_ATTEMPTS
+    base_delay = PUSH_BASE_DELAY if base_delay is None else base_delay
+    secrets = [token]
+    api = HfApi(endpoint=endpoint, token=token, library_name="slmforge")
+    step = "creating"
+    for attempt in range(1, attempts + 1):
+        try:
+            step = "creating"
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision != "main":
+                step = "creating branch " + revision + " of"
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            step = "pushing to"
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                     commit_message=message, commit_description=description,
+                                     delete_patterns=delete_patterns)
+            url = getattr(info, "commit_url", None) or f"{endpoint.rstrip('/')}/{repo_id}/commit/{info.oid}"
+            return {"commit": info.oid, "commit_url": url}
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not transient(exc):
+                raise PublishError(redact_text(str(_fatal(exc, step, repo_id, endpoint, token_source)), secrets)) \
+                    from None
+            if attempt == attempts:
+                raise PublishError(redact_text(
+                    f"{step} {repo_id} at {endpoint} failed after {attempts} attempts ({_describe(exc)})",
+                    secrets)) from None
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log(redact_text(f"{step} {repo_id} failed ({_describe(exc)}); retry {attempt}/{attempts - 1} "
+                            f"in {delay:.1f} s", secrets))
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
-def redact(obj, secrets: list[str]):
-    """Replace any secret value that slipped into a record with '***'."""
-    text = json.dumps(obj, ensure_ascii=False, default=str)
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return json.loads(text)
+def base_licence(model_id: str, endpoint: str, token: str | None) -> str | None:
+    """Best effort: the licence in a Hub base model's card metadata (None when it cannot be read)."""
+    try:
+        from huggingface_hub import HfApi
+
+        data = HfApi(endpoint=endpoint, token=token).model_info(model_id).card_data
+        value = data.get("license") if data is not None else None
+        return value if isinstance(value, str) and value else None
+    except Exception:  # noqa: BLE001 - a card without a licence is published as "other"
+        return None
