@@ -12,9 +12,9 @@ from slmforge.config import ConfigError, describe_options, load_config
 EXIT_BAD_INPUT = 2
 
 
-def _options_help() -> str:
+def _options_help(model=None) -> str:
     lines = ["settings (--set KEY=VALUE, or the same keys nested in --config YAML):"]
-    for key, default, desc in describe_options():
+    for key, default, desc in (describe_options(model) if model is not None else describe_options()):
         lines.append(f"  {key} (default {default})")
         if desc:
             lines += textwrap.wrap(desc, width=88, initial_indent="      ", subsequent_indent="      ")
@@ -36,6 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one setting (repeatable), e.g. --set train.epochs=2")
     ft.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    from slmforge.compare_config import CompareConfig
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare models × precisions (bf16/8-bit/4-bit) on quality, memory and speed",
+        description="Run the compare flow. With no options: bundled SmolLM2-135M and Gemma-3-270M (skipped with "
+                    "its error if its package is not installed) and the latest fine-tuned model in the store, "
+                    "each in bf16, 8-bit and 4-bit NF4, on the bundled Korean Q&A test split; no network.",
+        epilog=_options_help(CompareConfig) + "\n\nexample:\n  slmforge compare --set 'models=[smollm2-135m-instruct, "
+               "./my-model]' --set 'modes=[bf16, 4bit]' --set eval.items=32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmp.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the settings below")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one setting (repeatable), e.g. --set modes=[bf16,4bit]")
+    cmp.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     rec = sub.add_parser("recommend", help="suggest models for a memory budget and use case (the tutorial's §9)")
     rec.add_argument("--memory-gb", type=float, required=True, help="GPU (or CPU) memory available, in GB")
     rec.add_argument("--use-case", default="general",
@@ -70,8 +86,10 @@ def cmd_finetune(args) -> int:
     from tasks.validate import check_inputs
 
     try:
+        store = ArtifactStore.from_config(cfg.storage)
+        store.check_writable()
+        validate_data(cfg.data, store)  # bad data fails in seconds, before the model config is read
         check_inputs(cfg)
-        validate_data(cfg.data, ArtifactStore.from_config(cfg.storage))
     except (ConfigError, DataError, ModelSourceError, StoreError) as e:
         return _fail(str(e))
 
@@ -92,6 +110,43 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import yaml
+
+    from slmforge.compare_config import load_compare_config
+    from slmforge.data import DataError
+    from tasks.storage import ArtifactStore, StoreError
+
+    try:
+        cfg = load_compare_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))
+        return 0
+    # Fail in seconds, before Prefect starts or any weights load; a bad model source is a row, not a failure.
+    from tasks.dataset import validate_data
+
+    try:
+        store = ArtifactStore.from_config(cfg.storage)
+        store.check_writable()
+        validate_data(cfg.data.model_copy(update={"test_limit": None}), store)
+    except (ConfigError, DataError, StoreError) as e:
+        return _fail(str(e))
+
+    from flows.compare import compare
+    from slmforge.report import markdown_table
+
+    try:
+        out = compare(cfg)
+    except (ConfigError, DataError, StoreError) as e:
+        return _fail(str(e))
+    print(f"\nComparison ({out['wall_s'] / 60:.1f} min): {out['report']}\n")
+    print(markdown_table(out["table"]))
+    print(f"\nCSV, JSON and chart: {out['uri']}/results.csv, results.json, quality_vs_memory.png")
+    return 0 if any(r["status"] in ("ok", "partial") for r in out["rows"]) else 1
+
+
 def cmd_recommend(args) -> int:
     from slmforge.selection import format_recommendations, recommend
 
@@ -108,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    return {"finetune": cmd_finetune, "recommend": cmd_recommend}[args.command](args)
+    return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend}[args.command](args)
 
 
 if __name__ == "__main__":

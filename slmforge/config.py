@@ -26,9 +26,14 @@ class DataConfig(_Section):
 
     source: str = Field(
         "bundled:korean-qa",
-        description="`bundled:korean-qa`, a local/object-store JSONL/JSON/CSV/Parquet file, or `hf:<dataset id>`.",
+        description="`bundled:korean-qa`, a local/object-store (s3://…) JSONL/JSON/CSV/TSV/Parquet file, or "
+        "`hf:<dataset id, local data dir or save_to_disk dir>`.",
     )
     split: str = Field("train", description="Split to read for a Hugging Face dataset source.")
+    hf_config: str | None = Field(None, description="Configuration (subset) name of a Hugging Face dataset.")
+    hf_data_files: str | list[str] | None = Field(
+        None, description="`data_files` for `hf:json`, `hf:csv` or `hf:parquet` (local paths or URLs).")
+    hf_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of an `hf:` dataset.")
     question_field: str = Field("question", description="Column holding the question (user turn).")
     answer_field: str = Field("answer", description="Column holding the reference answer (assistant turn).")
     key_field: str = Field("key", description="Column holding the key fact(s) a correct answer must contain.")
@@ -36,6 +41,11 @@ class DataConfig(_Section):
     max_length: int = Field(256, ge=16, le=131072, description="Longest templated example in tokens.")
     overlong: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples.")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Fail when more rows than this are bad.")
+    near_duplicate_threshold: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Questions this similar (character-bigram Jaccard, same numbers) count as near duplicates; "
+        "1.0 = exact duplicates only.",
+    )
     train_limit: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     test_limit: int | None = Field(
         64, ge=1, description="Evaluate on at most N held-out rows, balanced across test parts."

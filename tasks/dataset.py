@@ -1,11 +1,16 @@
-"""Stage 1: read, validate, template and tokenise the Q&A data; write the splits to the store."""
+"""Stage 1: read, validate, template and tokenise the Q&A data; write the splits to the store.
+
+Validation needs no tokenizer and no model, so bad data fails in seconds. Whatever the outcome,
+the validation report goes to the store (`validation/<hash>/report.json`) and, under Prefect, into
+a markdown artifact; on failure it is the only thing written.
+"""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
-import fsspec
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -15,45 +20,79 @@ from slmforge.modeling import load_tokenizer, resolve_source
 from tasks.caching import STAGE_CACHE, DataFiles
 from tasks.storage import ArtifactStore, content_hash
 
+ARTIFACT_KEY = "dataset-validation"
 
-def _fetch(uri: str, storage: StorageConfig) -> Path:
-    """Copy an object-store data file to a local temp file (keeps its suffix for format detection)."""
-    kwargs = {"client_kwargs": {"endpoint_url": storage.endpoint_url}} if storage.endpoint_url else {}
-    local = Path(tempfile.mkdtemp(prefix="slmforge-data-")) / Path(uri).name
+
+def _fetch(uri: str, store: ArtifactStore, into: Path) -> Path:
+    """Copy an object-store data file into `into` (keeping its name, so its suffix gives the format).
+
+    A file in the store's own scheme goes through the store's filesystem (same endpoint and
+    credentials); any other fsspec URL through its default filesystem."""
+    import fsspec
+
+    scheme = uri.split("://", 1)[0]
     try:
-        fsspec.filesystem(uri.split("://", 1)[0], **kwargs).get_file(uri, str(local))
-    except Exception as e:  # noqa: BLE001
-        raise D.DataError(f"data.source: cannot read {uri}: {e}") from None
+        if scheme == store.scheme:
+            fs = store.fs
+            path = fs._strip_protocol(uri)
+        else:
+            fs, path = fsspec.core.url_to_fs(uri)
+        local = into / Path(path).name
+        fs.get_file(path, str(local))
+    except Exception as e:  # noqa: BLE001 - s3fs/fsspec raise many types; the user needs the URL
+        raise D.DataError(f"data.source: cannot read {uri}: {type(e).__name__}: {e}") from None
     return local
 
 
-def _write_report(data: DataConfig, report: D.Report, store: ArtifactStore, log) -> None:
-    key = f"validation/{content_hash([data.model_dump(), report.to_dict()])}/report.json"
-    store.write_json(key, report.to_dict())
-    log(f"validation report: {store.uri(key)}")
+def _write_report(data: DataConfig, report: D.Report, store: ArtifactStore, log) -> str:
+    d = report.to_dict()
+    uri = store.write_json(f"validation/{content_hash([data.model_dump(), d])}/report.json", d)
+    log(f"validation report: {uri}")
+    return uri
+
+
+def _failed(e: D.DataError, data: DataConfig, store: ArtifactStore, log) -> D.DataError:
+    """The same error, its report written to the store and its location added to the message."""
+    report = getattr(e, "report", None)
+    if report is None:
+        return e
+    uri = _write_report(data, report, store, log)
+    err = D.DataError(f"{e}\nvalidation report: {uri}")
+    err.report, err.report_uri = report, uri
+    return err
 
 
 def validate_data(data: DataConfig, store: ArtifactStore, log=print):
     """Read and validate the source (no tokenizer, no model): seconds. On failure the validation
-    report is the only thing written."""
-    try:
-        return D.load_examples(data, read_file=lambda uri: _fetch(uri, store_cfg_of(store)))
-    except D.DataError as e:
-        if getattr(e, "report", None) is not None:
-            _write_report(data, e.report, store, log)
-        raise
+    report is the only thing written. Returns (examples per split, report)."""
+    with tempfile.TemporaryDirectory(prefix="slmforge-data-") as tmp:
+        try:
+            return D.load_examples(data, read_file=lambda uri: _fetch(uri, store, Path(tmp)))
+        except D.DataError as e:
+            err = _failed(e, data, store, log)
+            if err is e:
+                raise
+            raise err from None
 
 
 def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=print) -> dict:
     """Plain function behind the task: returns the dataset record (store key + fingerprint + stats)."""
     splits, report = validate_data(data, store, log)
     tokenizer = load_tokenizer(resolve_source(model.source, model.revision))
-    records = {s: D.tokenize_split(tokenizer, splits[s], data, report, s) for s in D.SPLITS}
     try:
-        D.check_bad_fraction(report, data.max_bad_fraction)
-    except D.DataError:
-        _write_report(data, report, store, log)
-        raise
+        records = {s: D.tokenize_split(tokenizer, splits[s], data, report, s) for s in D.SPLITS}
+        D.check_bad_fraction(report, data.max_bad_fraction)  # now counting rows too long to keep
+        for split in ("train", "test"):
+            if not records[split]:
+                raise D.DataError(f"{data.source}: no {split} rows fit data.max_length={data.max_length}")
+    except D.DataError as e:
+        e.report = report
+        raise _failed(e, data, store, log) from None
+    if report.bad_rows or report.truncated:
+        counts = ", ".join(f"{k} {v['count']}" for k, v in report.to_dict()["problems"].items())
+        log(f"{report.source}: {report.bad_rows} of {report.rows} rows dropped ({counts or 'none'}), "
+            f"{report.truncated} truncated")
+    report_uri = _write_report(data, report, store, log)
     fp = D.fingerprint(records, tokenizer.chat_template)
     key = f"datasets/{fp}"
     record = {
@@ -63,18 +102,33 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
         "source": data.source,
         "stats": D.split_stats(records),
         "validation": report.to_dict(),
+        "validation_report": report_uri,
     }
     if not store.exists(key):
         staging = store.staging_dir(key)
         for split, recs in records.items():
             D.write_jsonl(staging / f"{split}.jsonl", recs)
         (staging / "validation_report.md").write_text(report.markdown(), encoding="utf-8")
+        (staging / "validation_report.json").write_text(
+            json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         store.commit_dir(staging, key, meta={"fingerprint": fp, "source": data.source})
     return record
 
 
-def store_cfg_of(store: ArtifactStore) -> StorageConfig:
-    return StorageConfig(url=store.url)
+def dataset_markdown(record: dict) -> str:
+    """The artifact of a prepared dataset: what was kept, then the full validation report."""
+    stats = record["stats"]
+    v = record["validation"]
+    head = (f"Dataset `{record['fingerprint']}` from `{record['source']}`: "
+            + ", ".join(f"{s} {x['rows']} rows / {x['tokens']} tokens" for s, x in stats.items())
+            + f"; {v['bad_rows']} of {v['rows']} rows dropped, {v['truncated']} truncated.")
+    return head + "\n\n" + D.report_markdown(v)
+
+
+def failure_markdown(error: D.DataError) -> str:
+    report = getattr(error, "report", None)
+    body = D.report_markdown(report.to_dict()) if report is not None else ""
+    return f"**Data validation failed**\n\n```\n{error}\n```\n\n{body}"
 
 
 @task(name="prepare_dataset", cache_policy=STAGE_CACHE + DataFiles(), persist_result=True,
@@ -83,26 +137,15 @@ def prepare_dataset(data: DataConfig, model: ModelConfig, storage: StorageConfig
     """Bad data is not transient: no retries; the message names the file, problem and lines."""
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    record = prepare(data, model, store, log=logger.info)
-    stats = record["stats"]
+    try:
+        record = prepare(data, model, store, log=logger.info)
+    except D.DataError as e:
+        if getattr(e, "report", None) is not None:
+            create_markdown_artifact(key=ARTIFACT_KEY, markdown=failure_markdown(e),
+                                     description="Data validation report (failed)")
+        raise
     logger.info("dataset %s: %s", record["fingerprint"],
-                ", ".join(f"{s} {v['rows']} rows/{v['tokens']} tokens" for s, v in stats.items()))
-    v = record["validation"]
-    create_markdown_artifact(
-        key="dataset-validation",
-        markdown=f"Dataset `{record['fingerprint']}` from `{data.source}`: "
-                 + ", ".join(f"{s} {x['rows']}" for s, x in stats.items())
-                 + f"; {v['bad_rows']} of {v['rows']} rows dropped.\n\n"
-                 + D.Report(data.source).markdown() if not v["problems"] else _report_md(v),
-        description="Data validation report",
-    )
+                ", ".join(f"{s} {v['rows']} rows/{v['tokens']} tokens" for s, v in record["stats"].items()))
+    create_markdown_artifact(key=ARTIFACT_KEY, markdown=dataset_markdown(record),
+                             description="Data validation report")
     return record
-
-
-def _report_md(v: dict) -> str:
-    lines = [f"{v['rows']} rows read, {v['bad_rows']} dropped, {v['truncated']} truncated.", "",
-             "| problem | rows | first lines | example |", "|---|---|---|---|"]
-    for k, p in v["problems"].items():
-        lines.append(f"| {k} | {p['count']} | {', '.join(map(str, p['first_lines'][:5]))} | "
-                     f"{(p['examples'][0] if p['examples'] else '').replace('|', '/')} |")
-    return "\n".join(lines)

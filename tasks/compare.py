@@ -1,0 +1,265 @@
+"""The compare flow's stages: the evaluation set, each model source made loadable, one measurement
+per model × precision (one at a time, under the `gpu` concurrency limit), and the report.
+
+Measurements are not cached (`NO_CACHE`): a comparison is re-measured each time it runs. What is
+reused is the materialised checkpoint of a GGUF or Hub model (`models/base/<hash>`, the same key the
+finetune flow uses), so a bundled model is dequantized once per store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from slmforge import benchmarking as B
+from slmforge import data as D
+from slmforge import modeling as M
+from slmforge.compare_config import FINETUNE_LATEST, CompareConfig
+from slmforge.config import ModelConfig
+from slmforge.report import markdown_table
+from tasks.dataset import validate_data
+from tasks.model import materialise_base
+from tasks.retry import gpu_retry, is_transient
+from tasks.storage import MANIFEST, ArtifactStore, content_hash
+
+PUBLISHED_RECORD = "published/record.json"
+STORE_PREFIX = "store:"
+
+
+# -- the evaluation set ------------------------------------------------------------------------
+
+def eval_examples(cfg: CompareConfig, store: ArtifactStore, gpu: bool, log=print) -> list[dict]:
+    """The test split of `cfg.data`, limited to `eval.items` balanced over test parts, as dicts."""
+    data_cfg = cfg.data.model_copy(update={"test_limit": None})
+    splits, _ = validate_data(data_cfg, store, log)
+    n = cfg.eval_items(gpu)
+    chosen = D.balanced_subset(splits["test"], n) if len(splits["test"]) > n else splits["test"]
+    log(f"evaluation set: {len(chosen)} of {len(splits['test'])} test items from {cfg.data.source}")
+    return [dataclasses.asdict(e) for e in chosen]
+
+
+# -- model sources -----------------------------------------------------------------------------
+
+def latest_finetuned(store: ArtifactStore) -> tuple[str, str] | None:
+    """(store key, how it was found) of the newest fine-tuned merged model, or None.
+
+    A merged model recorded by the publish stage (`published/record.json`, when it pushed one) wins;
+    otherwise the newest `merged/*` output by its manifest's creation time.
+    """
+    record = store.read_json(PUBLISHED_RECORD, default=None) or {}
+    latest = [e for e in (record.get("latest") or {}).values() if isinstance(e, dict) and e.get("merged")]
+    for entry in sorted(latest, key=lambda e: e.get("published_at") or 0, reverse=True):
+        if store.exists(entry["merged"]):
+            return entry["merged"], f"published ({entry.get('location') or PUBLISHED_RECORD})"
+    try:
+        manifests = store.fs.glob(store.path(f"merged/*/{MANIFEST}"))
+    except FileNotFoundError:
+        manifests = []
+    best: tuple[float, str] | None = None
+    for m in manifests:
+        key = "merged/" + m.rstrip("/").split("/")[-2]
+        created = (store.read_json(f"{key}/{MANIFEST}") or {}).get("created", 0)
+        if best is None or created > best[0]:
+            best = (created, key)
+    return (best[1], "newest merged model in the store") if best else None
+
+
+def _short_error(e: BaseException) -> str:
+    msg = str(e).removeprefix("model.source: ")
+    return msg if isinstance(e, (M.ModelSourceError,)) else f"{type(e).__name__}: {msg}"
+
+
+def display_name(spec: str) -> str:
+    if spec.startswith(("/", ".", "~")) or Path(spec).exists():
+        return Path(spec).name or spec
+    return spec
+
+
+def resolve_entry(spec: str, store: ArtifactStore, log=print, materialise: bool = True) -> dict:
+    """A model source -> where its loadable checkpoint is: {name, spec, kind, key|path, source_label}.
+
+    GGUF files (bundled aliases, `.gguf` paths) and Hub ids are materialised once into the store as
+    safetensors; local checkpoint directories are used in place; `finetune:latest` and
+    `store:<key>` point at store outputs. A `finetune:latest` with nothing to find is `skipped`.
+    Raises ModelSourceError (the row's error) when the source cannot be used.
+    """
+    entry = {"name": display_name(spec), "spec": spec}
+    if spec == FINETUNE_LATEST:
+        found = latest_finetuned(store)
+        if found is None:
+            return {**entry, "kind": "skipped", "skipped": "no fine-tuned (merged) model in the store yet"}
+        key, how = found
+        return {**entry, "kind": "store", "key": key, "source_label": f"{key} ({how})"}
+    if spec.startswith(STORE_PREFIX):
+        key = spec[len(STORE_PREFIX):].strip("/")
+        if not store.exists(key):
+            raise M.ModelSourceError(f"{store.uri(key)} is not a complete output in the store (no {MANIFEST})")
+        return {**entry, "kind": "store", "key": key, "source_label": key}
+    src = M.resolve_source(spec)
+    if src.kind == "dir":
+        M.load_tokenizer(Path(src.location))  # fails now, with the reason, if it has no usable chat template
+        return {**entry, "kind": "path", "path": src.location, "source_label": src.location}
+    label = f"{src.kind}: {src.location}" + (f"/{src.gguf_file}" if src.gguf_file else "")
+    if not materialise:
+        return {**entry, "kind": "store", "key": None, "source_label": label}
+    base = materialise_base(ModelConfig(source=spec), store, log)
+    return {**entry, "kind": "store", "key": base["key"], "source_label": label, "n_params": base.get("n_params")}
+
+
+def model_dir(entry: dict, store: ArtifactStore) -> Path:
+    return Path(entry["path"]) if entry["kind"] == "path" else store.get_dir(entry["key"])
+
+
+# -- one measurement ---------------------------------------------------------------------------
+
+@contextmanager
+def gpu_slot(name: str | None):
+    """Hold one slot of the Prefect global concurrency limit `name` while measuring.
+
+    strict=False: where the limit does not exist (a local run, the test API) Prefect logs a
+    warning and goes on without it; on a shared server create it once with
+    `prefect gcl create gpu --limit 1`. Within one flow the measurements run one after another anyway.
+    """
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(name, occupy=1, strict=False):
+        yield
+
+
+def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print) -> dict:
+    gpu = M.on_gpu()
+    directory = model_dir(entry, store)
+    with gpu_slot(cfg.concurrency_limit):
+        row = B.benchmark_model(
+            directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
+            eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
+            speed_new_tokens=cfg.speed.new_tokens, batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
+            warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_max_new_tokens,
+            compute_dtype=M.resolve_compute_dtype(cfg.compute_dtype), attn=M.resolve_attn(cfg.attn_implementation),
+            seed=cfg.eval.seed, reraise=is_transient, log=log)
+    return {"model": entry["name"], "spec": entry["spec"], "source_label": entry.get("source_label"), **row}
+
+
+def error_row(entry: dict, mode: str, error: str, status: str = "error") -> dict:
+    return {"model": entry.get("name") or display_name(entry["spec"]), "spec": entry["spec"], "mode": mode,
+            "source_label": entry.get("source_label"), "status": status, "errors": [error]}
+
+
+# -- the report --------------------------------------------------------------------------------
+
+def compare_key(cfg: CompareConfig, entries: list[dict], gpu: bool) -> str:
+    ident = [{k: e.get(k) for k in ("spec", "kind", "key", "path", "error", "skipped")} for e in entries]
+    return f"compare/{content_hash([cfg.model_dump(mode='json', exclude={'storage'}), ident, gpu])}"
+
+
+def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: ArtifactStore, started: float,
+                 eval_n: int, log=print) -> dict:
+    gpu = M.on_gpu()
+    env = B.environment()
+    table = B.display_rows(rows)
+    method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
+    settings = {
+        "eval_items": eval_n, "eval_max_new_tokens": cfg.eval_max_new_tokens(gpu),
+        "eval_batch_size": cfg.eval.batch_size, "speed": cfg.speed.model_dump(),
+        "answer_max_new_tokens": cfg.answer_max_new_tokens, "compute_dtype": str(M.resolve_compute_dtype(cfg.compute_dtype)),
+        "attn_implementation": M.resolve_attn(cfg.attn_implementation), "data": cfg.data.source,
+    }
+    staging = store.staging_dir(key)
+    chart = B.quality_memory_chart(rows, staging / "quality_vs_memory.png", cfg.quality_metric)
+    (staging / "results.csv").write_text(B.csv_text(rows), encoding="utf-8")
+    wall = time.time() - started
+    result = {"key": key, "config": cfg.model_dump(mode="json", exclude={"storage"}), "settings": settings,
+              "environment": env, "memory_method": method, "wall_s": round(wall, 1), "rows": rows}
+    (staging / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str),
+                                          encoding="utf-8")
+    md = markdown_report(rows, table, cfg, settings, env, method, wall)
+    (staging / "report.md").write_text(md, encoding="utf-8")
+    meta = {"table": table, "rows": [B.flat_row(r) for r in rows], "wall_s": round(wall, 1), "environment": env}
+    store.commit_dir(staging, key, meta=meta)
+    log(f"comparison written to {store.uri(key)} (report.md, results.csv, results.json, {chart.name})")
+    return {"key": key, "uri": store.uri(key), **meta, "markdown": md}
+
+
+def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, settings: dict, env: dict,
+                    method: str | None, wall: float) -> str:
+    sizes = cfg.speed.batch_sizes
+    parts = [
+        "# slmforge model comparison",
+        f"{len(rows)} rows ({sum(r.get('status') == 'ok' for r in rows)} complete) on {env['device']}, "
+        f"{wall / 60:.1f} min. Quality on {settings['eval_items']} items of `{settings['data']}` "
+        f"(greedy, {settings['eval_max_new_tokens']} new tokens).",
+        markdown_table(table),
+        "![quality vs memory](quality_vs_memory.png)",
+        "## How it was measured",
+        "\n".join([
+            f"- **load s**: loading the local safetensors checkpoint in that precision, plus its tokenizer.",
+            "- **footprint MB**: `model.get_memory_footprint()` (10^6 bytes).",
+            f"- **peak MB**: {method or 'n/a'}, over load, speed runs, evaluation and answers.",
+            f"- **TTFT ms**: time to the first new token at batch {sizes[0]}; **tok/s**: decode tokens/s "
+            f"(tokens after the first over their time, × batch size) at batch {sizes[0]} and {sizes[-1]}; "
+            f"{cfg.speed.new_tokens} forced new tokens, {cfg.speed.warmup} warm-up + {cfg.speed.runs} timed runs, "
+            "median ± half the range.",
+            "- **key acc / char F1 / chrF / ans. loss**: the finetune flow's evaluation metrics (key fact in the "
+            "answer; character F1 and chrF against the reference; mean cross-entropy of the reference answer).",
+            f"- compute dtype of 8/4-bit layers {settings['compute_dtype']}; attention requested "
+            f"`{settings['attn_implementation']}` (the **attn** column is what the model reports using).",
+        ]),
+        "## Answers side by side",
+    ]
+    for prompt, answers in B.prompt_answer_tables(rows, cfg.prompts):
+        parts += [f"**{prompt}**", markdown_table(answers) if answers else "_no answers_"]
+    errors = [r for r in rows if r.get("errors")]
+    if errors:
+        parts.append("## Errors")
+        parts.append("\n".join(f"- `{r['model']}` {r['mode']}: " + "; ".join(r["errors"]) for r in errors))
+    parts += ["## Reproduce", f"`slmforge compare` with\n\n```json\n"
+              f"{json.dumps(cfg.model_dump(mode='json', exclude={'storage'}), indent=1, ensure_ascii=False)}\n```",
+              f"Environment: `{json.dumps(env)}`"]
+    return "\n\n".join(parts)
+
+
+# -- Prefect tasks -----------------------------------------------------------------------------
+
+@task(name="prepare_eval_set", cache_policy=NO_CACHE, retries=0)
+def prepare_eval_set(cfg: CompareConfig) -> list[dict]:
+    """Bad data is not transient: no retries; the message names the file, problem and lines."""
+    logger = get_run_logger()
+    return eval_examples(cfg, ArtifactStore.from_config(cfg.storage), M.on_gpu(), logger.info)
+
+
+@task(name="resolve_model", cache_policy=NO_CACHE, **gpu_retry())
+def resolve_model(spec: str, cfg: CompareConfig) -> dict:
+    logger = get_run_logger()
+    entry = resolve_entry(spec, ArtifactStore.from_config(cfg.storage), logger.info)
+    logger.info("%s: %s", spec, entry.get("skipped") or entry.get("source_label"))
+    return entry
+
+
+@task(name="benchmark", cache_policy=NO_CACHE, **gpu_retry())
+def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig) -> dict:
+    logger = get_run_logger()
+    return measure(entry, mode, examples, cfg, ArtifactStore.from_config(cfg.storage),
+                   lambda m: logger.info("%s %s", entry["name"], m))
+
+
+@task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def compare_report(rows: list[dict], cfg: CompareConfig, key: str, started: float, eval_n: int) -> dict:
+    logger = get_run_logger()
+    store = ArtifactStore.from_config(cfg.storage)
+    record = write_report(rows, cfg, key, store, started, eval_n, logger.info)
+    create_table_artifact(key="compare-table", table=record["table"],
+                          description="Quality, memory and speed per model × precision")
+    md = record.pop("markdown")
+    create_markdown_artifact(key="compare-report", markdown=f"Report: `{record['uri']}/report.md`\n\n" + md,
+                             description="Model comparison report")
+    return record

@@ -1,0 +1,223 @@
+"""The compare flow on tiny random models, and its measurement functions on their own."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+
+import pytest
+import torch
+
+from slmforge import benchmarking as B
+from slmforge.compare_config import CompareConfig, load_compare_config
+from slmforge.config import ConfigError
+from tasks.storage import ArtifactStore
+
+# -- pure functions ----------------------------------------------------------------------------
+
+
+def test_summarise_median_and_spread():
+    s = B.summarise([3.0, 1.0, 2.0, None, float("nan")])
+    assert s == {"median": 2.0, "min": 1.0, "max": 3.0, "spread": 1.0, "n": 3}
+    assert B.summarise([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
+    assert B.summarise([])["median"] is None and B.summarise([None])["n"] == 0
+
+
+def test_generation_timing_counts_decode_tokens_after_the_first():
+    # start at 10.0; first token after 0.5 s (prefill), then 4 more tokens 0.1 s apart
+    t = B.generation_timing(10.0, [10.5, 10.6, 10.7, 10.8, 10.9], batch_size=1)
+    assert t["ttft_s"] == pytest.approx(0.5)
+    assert t["decode_tokens_per_s"] == pytest.approx(4 / 0.4)
+    assert t["new_tokens"] == 5
+    # a batch of 4 produces 4 tokens per step
+    t4 = B.generation_timing(10.0, [10.5, 10.6, 10.7, 10.8, 10.9], batch_size=4)
+    assert t4["decode_tokens_per_s"] == pytest.approx(4 * 4 / 0.4)
+    assert t4["e2e_tokens_per_s"] == pytest.approx(4 * 5 / 0.9)
+    assert B.generation_timing(0.0, [0.2], 1)["decode_tokens_per_s"] is None
+    with pytest.raises(ValueError):
+        B.generation_timing(0.0, [], 1)
+
+
+def test_left_pad_puts_prompts_at_the_right():
+    ids, mask = B.left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with B.PeakMemory() as mem:
+        x = torch.ones(16_000_000, dtype=torch.float32)  # 64 MB, touched
+        x += 1
+        del x
+        B.trim_malloc()
+        peak = mem.mark("after")
+    assert peak >= 50e6, (peak, mem.method)
+    assert mem.delta_bytes() >= peak
+    assert "RSS" in mem.method or "CUDA" in mem.method
+
+
+def _row(model, mode, tps, acc, footprint, errors=()):
+    timing = {"median": tps, "min": tps - 1, "max": tps + 1, "spread": 1.0, "n": 3}
+    return {
+        "model": model, "mode": mode, "status": "ok" if not errors else "error", "errors": list(errors),
+        "footprint_bytes": footprint, "peak_bytes": footprint * 2, "load_s": 1.0, "attn_implementation": "sdpa",
+        "speed": {"1": {"batch_size": 1, "ttft_s": {"median": 0.05, "min": 0.04, "max": 0.06, "spread": 0.01, "n": 3},
+                        "decode_tokens_per_s": timing},
+                  "4": {"batch_size": 4, "ttft_s": {"median": 0.1, "min": 0.1, "max": 0.1, "spread": 0.0, "n": 3},
+                        "decode_tokens_per_s": {**timing, "median": tps * 3}}},
+        "quality": {"key_accuracy": acc, "char_f1": 0.5, "chrf": 0.4, "answer_loss": 1.25, "n": 16},
+        "answers": [{"prompt": "p", "answer": f"{model}-{mode}", "new_tokens": 3}],
+    }
+
+
+def test_tables_csv_and_chart(tmp_path):
+    rows = [_row("a", "bf16", 10.0, 0.5, 270e6), _row("a", "4bit", 5.0, 0.25, 110e6),
+            {"model": "b", "mode": "all", "status": "error", "errors": ["no such directory"]}]
+    table = B.display_rows(rows)
+    assert table[0]["tok/s b1"] == "10.0 ±1.0" and table[0]["tok/s b4"] == "30.0 ±1.0"
+    assert table[0]["footprint MB"] == "270" and table[0]["TTFT ms"] == "50 ±10"
+    assert table[2]["error"] == "no such directory" and table[2]["key acc"] == "–"
+    parsed = list(csv.DictReader(io.StringIO(B.csv_text(rows))))
+    assert [r["mode"] for r in parsed] == ["bf16", "4bit", "all"]
+    assert float(parsed[1]["decode_tps_b1"]) == 5.0 and parsed[1]["batch_N"] == "4"
+    assert parsed[2]["error"] == "no such directory" and parsed[2]["footprint_mb"] == ""
+    png = B.quality_memory_chart(rows, tmp_path / "chart.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert B.prompt_answer_tables(rows, ["p"])[0][1][1]["answer"] == "a-4bit"
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_compare_config_from_overrides_and_file(tmp_path):
+    cfg = load_compare_config(overrides=["models=./m", "modes=[bf16, 4bit-nodq]", "speed.batch_sizes=[4,1,4]"])
+    assert cfg.models == ["./m"] and cfg.modes == ["bf16", "4bit-nodq"] and cfg.speed.batch_sizes == [1, 4]
+    assert cfg.eval_items(gpu=False) == 16 and cfg.eval_items(gpu=True) == 64
+    f = tmp_path / "c.yaml"
+    f.write_text("models: [a/b]\neval:\n  items: 8\n")
+    assert load_compare_config(f).eval_items(False) == 8
+    with pytest.raises(ConfigError, match="modes"):
+        load_compare_config(overrides=["modes=[16bit]"])
+    with pytest.raises(ConfigError, match="speed.runz: unknown setting"):
+        load_compare_config(overrides=["speed.runz=3"])
+    assert CompareConfig().models[-1] == "finetune:latest"
+
+
+def test_cli_print_config_and_bad_setting(capsys):
+    from flows.cli import main
+
+    assert main(["compare", "--print-config", "--set", "modes=[4bit]"]) == 0
+    assert "- 4bit" in capsys.readouterr().out
+    assert main(["compare", "--set", "eval.items=0"]) == 2
+    assert "eval.items" in capsys.readouterr().err
+
+
+# -- finding the latest fine-tuned model ----------------------------------------------------------
+
+
+def _fake_output(store: ArtifactStore, key: str) -> None:
+    staging = store.staging_dir(key)
+    (staging / "config.json").write_text("{}")
+    store.commit_dir(staging, key)
+
+
+def test_finetune_latest_prefers_published_then_newest(tmp_path):
+    from tasks.compare import latest_finetuned, resolve_entry
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    assert resolve_entry("finetune:latest", store)["kind"] == "skipped"
+    _fake_output(store, "merged/older")
+    time.sleep(0.01)
+    _fake_output(store, "merged/newer")
+    assert latest_finetuned(store)[0] == "merged/newer"
+    store.write_json("published/record.json", {"published": {}, "latest": {
+        "me/repo": {"merged": "merged/older", "published_at": 5, "location": "https://hub/me/repo"}}})
+    key, how = latest_finetuned(store)
+    assert key == "merged/older" and "published" in how
+    entry = resolve_entry("store:merged/newer", store)
+    assert entry["kind"] == "store" and entry["key"] == "merged/newer"
+    from slmforge.modeling import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="no such directory"):
+        resolve_entry(str(tmp_path / "nope"), store)
+
+
+# -- the flow ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory, smollm_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_dir, tiny_qwen_dir, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.compare import compare
+
+    missing = tmp_path / "no-such-model"
+    store_dir = tmp_path / "store"
+    cfg = load_compare_config(overrides=[
+        f"models=[{tiny_model_dir}, {tiny_qwen_dir}, {missing}, finetune:latest]",
+        "modes=[bf16, 4bit]", f"storage.url=file://{store_dir}",
+        "eval.items=4", "eval.max_new_tokens=4", "eval.batch_size=4",
+        "speed.new_tokens=4", "speed.runs=2", "speed.warmup=1", "speed.batch_sizes=[1, 2]",
+        "prompts=[대한민국의 수도는?, What is 2+2?]", "answer_max_new_tokens=4",
+    ])
+    state = compare(cfg, return_state=True)
+    assert state.is_completed(), state
+    out = state.result()
+
+    rows = {(r["model"], r["mode"]): r for r in out["rows"]}
+    assert len(out["rows"]) == 6, list(rows)
+    for model in (tiny_model_dir.name, tiny_qwen_dir.name):
+        for mode in ("bf16", "4bit"):
+            r = rows[(model, mode)]
+            assert r["status"] == "ok", r
+            assert r["footprint_mb"] > 0 and r["peak_mb"] is not None and r["load_s"] > 0
+            assert r["decode_tps_b1"] > 0 and r["decode_tps_bN"] > 0 and r["batch_N"] == 2
+            assert r["ttft_ms"] > 0 and r["ttft_ms_spread"] is not None
+            assert r["attn_implementation"] == "sdpa"
+            assert r["answer_loss"] > 0 and r["eval_n"] == 4 and r["char_f1"] is not None
+    bad = rows[(missing.name, "all")]
+    assert bad["status"] == "error" and "no such directory" in bad["error"]
+    assert rows[("finetune:latest", "all")]["status"] == "skipped"
+
+    store = ArtifactStore(cfg.storage.url)
+    assert out["key"].startswith("compare/") and store.exists(out["key"])
+    d = store.get_dir(out["key"])
+    assert {"report.md", "results.csv", "results.json", "quality_vs_memory.png"} <= {p.name for p in d.iterdir()}
+    assert (d / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((d / "results.json").read_text())
+    full = {(r["model"], r["mode"]): r for r in results["rows"]}
+    answers = full[(tiny_model_dir.name, "4bit")]["answers"]
+    assert [a["prompt"] for a in answers] == ["대한민국의 수도는?", "What is 2+2?"]
+    assert results["memory_method"].startswith("CPU peak RSS delta")
+    with open(d / "results.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    report = (d / "report.md").read_text()
+    assert "no such directory" in report and "What is 2+2?" in report and "quality_vs_memory.png" in report
+    assert any(row["error"] for row in out["table"])
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compare-table", "compare-report"])))
+
+    assert {a.key for a in asyncio.run(artifacts())} == {"compare-table", "compare-report"}
