@@ -32,7 +32,10 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id,
+                      # std 0.02 embeddings cap a 64-wide model's logits near ±1: it could not fit
+                      # anything, and a learning test on it could not tell learning from not
+                      initializer_range=0.2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     out = tmp_path_factory.mktemp("tiny-llama")
