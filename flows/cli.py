@@ -59,7 +59,64 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--finetune", action="store_true", help="also require that QLoRA training fits")
     rec.add_argument("--korean", action="store_true", help="only models whose card lists Korean")
     rec.add_argument("--context", type=int, default=2048, help="context length for the KV-cache estimate")
+    _add_stack_commands(sub)
     return p
+
+
+def _add_stack_commands(sub) -> None:
+    state_help = "where the stack keeps its database, bucket, logs and pids (default ./.slmforge/stack, or SLMFORGE_STACK_DIR)"
+    up = sub.add_parser(
+        "up", help="start the local service stack: Prefect server + UI, SeaweedFS S3, work pool, deployments, worker",
+        description="Start on 127.0.0.1 a Prefect server (SQLite, UI on --port), SeaweedFS S3 with a bucket, create the "
+                    "`gpu` work pool, the `gpu` concurrency limit, the blocks, the deployments finetune/nightly and "
+                    "compare/on-demand and the failure notification, and start a worker. Running it again starts only "
+                    "what is not running and re-applies the configuration.")
+    up.add_argument("--state-dir", default=None, help=state_help)
+    up.add_argument("--port", type=int, default=4200, help="Prefect API and UI port (default 4200)")
+    up.add_argument("--s3-port", type=int, default=8333,
+                    help="SeaweedFS S3 port (default 8333); its internal ports are the next nine")
+    up.add_argument("--bucket", default="slmforge", help="the bucket for artifacts and task results")
+    up.add_argument("--cron", default="0 2 * * *", help="schedule of finetune/nightly (default 02:00)")
+    up.add_argument("--timezone", default="UTC", help="time zone of the schedule, e.g. Asia/Seoul (default UTC)")
+    up.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"),
+                    help="post failed or crashed nightly runs here (default SLMFORGE_WEBHOOK_URL; none: no notifications)")
+    down = sub.add_parser("down", help="stop exactly what `slmforge up` started; the data is kept",
+                          description="Stop the worker, the Prefect server and SeaweedFS started by `slmforge up` "
+                                      "(by pid, with whatever they started). The database, bucket and logs are kept.")
+    down.add_argument("--state-dir", default=None, help=state_help)
+
+
+def _stack_settings(args):
+    from slmforge.stack import DEFAULT_STATE_DIR, StackSettings
+
+    state_dir = args.state_dir or os.environ.get("SLMFORGE_STACK_DIR") or DEFAULT_STATE_DIR
+    if args.command == "down":
+        return StackSettings(state_dir=state_dir)
+    return StackSettings(state_dir=state_dir, port=args.port, s3_port=args.s3_port, bucket=args.bucket,
+                         cron=args.cron, timezone=args.timezone, webhook_url=args.webhook_url or None)
+
+
+def cmd_up(args) -> int:
+    from slmforge.stack import StackError, how_to_use, up
+
+    settings = _stack_settings(args)
+    try:
+        state = up(settings)
+    except StackError as e:
+        print(f"error: {e}\n(`slmforge down` stops whatever did start)", file=sys.stderr)
+        return 1
+    print(how_to_use(settings, state))
+    return 0
+
+
+def cmd_down(args) -> int:
+    from slmforge.stack import StackError, down
+
+    try:
+        down(_stack_settings(args))
+    except StackError as e:
+        return _fail(str(e))
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -163,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend}[args.command](args)
+    return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend,
+            "up": cmd_up, "down": cmd_down}[args.command](args)
 
 
 if __name__ == "__main__":

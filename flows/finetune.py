@@ -34,7 +34,8 @@ def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     base = stage(load_base_model)(cfg.model, cfg.storage)
     adapter = stage(train_qlora)(dataset, base, cfg.model, cfg.lora, cfg.train, cfg.storage)
     merged = stage(merge_adapter)(adapter, base, dataset, cfg.storage)
-    report = stage(evaluate)(dataset, base, merged, adapter, cfg.eval, cfg.storage)
+    report = stage(evaluate)(dataset, base, merged, adapter, cfg.eval, cfg.storage,
+                             run_config=cfg.model_dump(exclude={"publish", "storage"}))
     published = stage(publish)(cfg, dataset, base, adapter, report, merged=merged)
 
     logger.info("report: %s/report.md", report["uri"])

@@ -32,6 +32,7 @@ import csv
 import ctypes
 import ctypes.util
 import io
+import logging
 import math
 import os
 import re
@@ -266,8 +267,43 @@ def measure_speed(model, tokenizer, prompts: Sequence[str], batch_sizes: Sequenc
     return out
 
 
+def count_parameters(model) -> int:
+    """Parameters of the unquantized model: a bitsandbytes 4-bit tensor stores two per byte, so its
+    own numel() is half the real count; its quant_state keeps the original shape."""
+    total = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        total += math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+    return total
+
+
 def attention_implementation(model) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "unknown")
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes logs 'MatMul8bitLt: inputs will be cast ...' on every 8-bit matmul (thousands of
+    lines, and time) when the activations are not fp16, as on CPU: let each message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_BNB_FILTER = _OncePerMessage()
+
+
+def quiet_bitsandbytes() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _BNB_FILTER not in log.filters:
+        log.addFilter(_BNB_FILTER)
 
 
 def preload_code(model_dir: str | Path, quantized: bool) -> None:
@@ -308,6 +344,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
     row: dict = {"mode": mode, "errors": []}
     model = None
     preload_code(model_dir, load_mode in ("8bit", "4bit"))
+    quiet_bitsandbytes()
     try:
         with PeakMemory() as mem:
             row["memory_method"] = mem.method
@@ -318,7 +355,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             row["load_s"] = time.perf_counter() - t0
             row["peak_load_bytes"] = mem.mark("load")
             row["footprint_bytes"] = int(model.get_memory_footprint())
-            row["n_params"] = sum(p.numel() for p in model.parameters())
+            row["n_params"] = count_parameters(model)
             row["attn_implementation"] = attention_implementation(model)
             row["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
             row["device"] = str(next(model.parameters()).device)
@@ -361,6 +398,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
                                   for p, a in zip(prompts, got)]
 
             phase("speed", speed)
+            row["peak_gen_bytes"] = mem.mark("generation")
             phase("quality", quality)
             phase("answers", answers)
             row["peak_bytes"] = mem.mark("end")
@@ -397,7 +435,7 @@ def _with_spread(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 CSV_FIELDS = ["model", "mode", "status", "error", "source", "n_params", "dtype", "device", "attn_implementation",
-              "load_s", "footprint_mb", "peak_load_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
+              "load_s", "footprint_mb", "peak_load_mb", "peak_gen_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
               "decode_tps_b1", "decode_tps_b1_spread", "decode_tps_bN", "decode_tps_bN_spread", "batch_N",
               "key_accuracy", "exact_match", "char_f1", "chrf", "answer_loss", "stopped_with_eos", "eval_n"]
 
@@ -434,6 +472,7 @@ def flat_row(row: dict) -> dict:
         "attn_implementation": row.get("attn_implementation"), "load_s": r(row.get("load_s"), 2),
         "footprint_mb": r((row.get("footprint_bytes") or 0) / MB, 1) if row.get("footprint_bytes") else None,
         "peak_load_mb": r(row["peak_load_bytes"] / MB, 1) if row.get("peak_load_bytes") is not None else None,
+        "peak_gen_mb": r(row["peak_gen_bytes"] / MB, 1) if row.get("peak_gen_bytes") is not None else None,
         "peak_mb": r(row["peak_bytes"] / MB, 1) if row.get("peak_bytes") is not None else None,
         "ttft_ms": med(b1, "ttft_s", 1000), "ttft_ms_spread": spr(b1, "ttft_s", 1000),
         "decode_tps_b1": med(b1, "decode_tokens_per_s"), "decode_tps_b1_spread": spr(b1, "decode_tokens_per_s"),
@@ -446,7 +485,13 @@ def flat_row(row: dict) -> dict:
 
 
 def display_rows(rows: list[dict]) -> list[dict]:
-    """The human table: one line per model × mode, errors in their own column."""
+    """The human table: one line per model × mode, errors in the last column.
+
+    peak MB is the measured peak through loading and the speed runs (inference at the largest
+    batch); the evaluation's loss pass (full-vocabulary logits) is in the CSV's peak_mb.
+    """
+    sizes = sorted({s["batch_size"] for r in rows for s in (r.get("speed") or {}).values()})
+    n_label = f"tok/s b{sizes[-1]}" if sizes else "tok/s bN"
     out = []
     for row in rows:
         b1, bn = _speed_of(row, "b1"), _speed_of(row, "bN")
@@ -456,10 +501,10 @@ def display_rows(rows: list[dict]) -> list[dict]:
             "model": row.get("model", "?"), "mode": row.get("mode", "?"),
             "load s": _num(row.get("load_s")),
             "footprint MB": _mb(row.get("footprint_bytes")),
-            "peak MB": _mb(row.get("peak_bytes")),
+            "peak MB": _mb(row.get("peak_gen_bytes")),
             "TTFT ms": _with_spread(b1.get("ttft_s"), 1000, 0),
             "tok/s b1": _with_spread(b1.get("decode_tokens_per_s")),
-            f"tok/s b{bn.get('batch_size', 'N')}": _with_spread(bn.get("decode_tokens_per_s")),
+            n_label: _with_spread(bn.get("decode_tokens_per_s")),
             "key acc": _pct(q.get("key_accuracy")),
             "char F1": _num(q.get("char_f1"), 3),
             "chrF": _num(q.get("chrf"), 3),
@@ -467,11 +512,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
             "attn": row.get("attn_implementation") or "–",
             "error": (err[:200] + "…") if len(err) > 200 else (err or ""),
         })
-    # the batch-N column name can differ per row only if batch sizes differ; unify the header
-    keys: list[str] = []
-    for r in out:
-        keys += [k for k in r if k not in keys]
-    return [{k: r.get(k, "–") for k in keys} for r in out]
+    return out
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -504,11 +545,22 @@ def quality_memory_chart(rows: list[dict], path: Path, metric: str = "key_accura
         top = max(p[2] for p in points) or 1.0
         models = sorted({p[3].split("\n")[0] for p in points})
         colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(models)}
-        for x, y, tps, label in points:
-            ax.scatter([x], [y], s=40 + 460 * (tps / top), alpha=0.6, color=colors[label.split("\n")[0]],
-                       edgecolors="black", linewidths=0.5)
-            ax.annotate(f"{label}\n{tps:.1f} tok/s", (x, y), textcoords="offset points", xytext=(8, 6), fontsize=7)
+        from matplotlib.lines import Line2D
+
         xs = [p[0] for p in points]
+        span = (max(xs) - min(xs)) or max(xs) or 1.0
+        placed: list[tuple[float, float]] = []
+        for x, y, tps, label in sorted(points, key=lambda p: (p[1], p[0])):
+            name, mode = label.split("\n")
+            ax.scatter([x], [y], s=40 + 460 * (tps / top), alpha=0.55, color=colors[name],
+                       edgecolors="black", linewidths=0.5)
+            # labels of points close to each other are stacked instead of printed over each other
+            k = sum(1 for px, py in placed if abs(px - x) < 0.25 * span and abs(py - y) < 0.06)
+            placed.append((x, y))
+            ax.annotate(f"{name} · {mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
+                        xytext=(10, 4 + 10 * k), fontsize=7)
+        ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors[n], label=n) for n in models],
+                  fontsize=7, loc="upper left")
         pad = max(1.0, (max(xs) - min(xs)) * 0.15)
         ax.set_xlim(max(0, min(xs) - pad), max(xs) + pad * 2)
     else:

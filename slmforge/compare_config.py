@@ -51,9 +51,17 @@ class SpeedConfig(_Section):
     """The speed half: time to first token and decode tokens/s."""
 
     batch_sizes: list[int] = Field([1, 4], description="Batch sizes to time (the first prompts, repeated if fewer).")
-    new_tokens: int = Field(32, ge=2, le=4096, description="Tokens generated per timed run (forced, greedy).")
+    new_tokens: int | Literal["auto"] = Field(
+        "auto", description="Tokens generated per timed run (forced, greedy); `auto` = 16 on CPU, 64 on GPU.")
     runs: int = Field(3, ge=1, le=100, description="Timed runs per batch size; the median and spread are reported.")
     warmup: int = Field(1, ge=0, le=10, description="Untimed runs before the timed ones.")
+
+    @field_validator("new_tokens")
+    @classmethod
+    def _tokens(cls, v):
+        if isinstance(v, int) and not 2 <= v <= 4096:
+            raise ValueError("must be between 2 and 4096, or `auto`")
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -76,7 +84,8 @@ class CompareConfig(_Section):
         description="Precisions: bf16, fp32, 8bit (LLM.int8), 4bit (NF4 + double quant), 4bit-nodq (NF4 only).")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
                                description="Prompts answered side by side; also the inputs of the speed runs.")
-    answer_max_new_tokens: int = Field(48, ge=1, le=4096, description="Greedy budget for the prompt answers.")
+    answer_max_new_tokens: int | Literal["auto"] = Field(
+        "auto", description="Greedy budget for the prompt answers; `auto` = 32 on CPU, 128 on GPU.")
     data: DataConfig = Field(default_factory=lambda: DataConfig(test_limit=None),
                              description="The evaluation set (its test split).")
     eval: CompareEvalConfig = Field(default_factory=CompareEvalConfig)
@@ -117,6 +126,13 @@ class CompareConfig(_Section):
             raise ValueError("needs at least one prompt")
         return v
 
+    @field_validator("answer_max_new_tokens")
+    @classmethod
+    def _answer_tokens(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 4096:
+            raise ValueError("must be between 1 and 4096, or `auto`")
+        return v
+
     @field_validator("concurrency_limit")
     @classmethod
     def _limit(cls, v: str | None) -> str | None:
@@ -127,6 +143,17 @@ class CompareConfig(_Section):
 
     def eval_max_new_tokens(self, gpu: bool) -> int:
         return self.eval.max_new_tokens if self.eval.max_new_tokens != "auto" else (64 if gpu else 32)
+
+    def speed_new_tokens(self, gpu: bool) -> int:
+        return self.speed.new_tokens if self.speed.new_tokens != "auto" else (64 if gpu else 16)
+
+    def answer_tokens(self, gpu: bool) -> int:
+        return self.answer_max_new_tokens if self.answer_max_new_tokens != "auto" else (128 if gpu else 32)
+
+    def resolved(self, gpu: bool) -> dict:
+        """The `auto` settings as this machine runs them."""
+        return {"eval_items": self.eval_items(gpu), "eval_max_new_tokens": self.eval_max_new_tokens(gpu),
+                "speed_new_tokens": self.speed_new_tokens(gpu), "answer_max_new_tokens": self.answer_tokens(gpu)}
 
 
 def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CompareConfig:
@@ -152,8 +179,12 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
         origin += " + --set"
         data = apply_overrides(data, overrides)
     for key in ("models", "modes", "prompts"):  # `--set models=a` means a list of one
-        if isinstance(data.get(key), str):
-            data[key] = [data[key]]
+        value = data.get(key)
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                raise ConfigError(f"{key}: {value!r} is not a valid YAML list (quote items that contain "
+                                  "'?', ':', ',' or '#', e.g. [\"What is 2+2?\", \"...\"])")
+            data[key] = [value]
     try:
         return CompareConfig.model_validate(data)
     except ValidationError as e:

@@ -119,6 +119,9 @@ class EvalConfig(_Section):
         0.05, description="Publish only if the tuned model beats the base by this much on the primary metric."
     )
     samples: int = Field(8, ge=0, description="Side-by-side sample answers in the report.")
+    adapter_on_4bit: bool = Field(
+        True, description="Also evaluate the unmerged adapter on the 4-bit base (what training saw)."
+    )
     seed: int = Field(0)
 
 

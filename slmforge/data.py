@@ -646,19 +646,22 @@ def split_examples(examples: list[Example], cfg: DataConfig) -> dict[str, list[E
 
 
 def balanced_subset(examples: list[Example], n: int) -> list[Example]:
-    """Round-robin over test parts, so a limit keeps taught and unseen facts in proportion."""
-    groups: dict[str | None, list[Example]] = defaultdict(list)
+    """Round-robin over test parts, and within each part over categories, so a limit keeps
+    taught/unseen facts and every category in proportion (the file order is not mixed)."""
+    by_part: dict[str | None, dict[str | None, list[Example]]] = defaultdict(lambda: defaultdict(list))
     for ex in examples:
-        groups[ex.part].append(ex)
-    queues = list(groups.values())
-    out: list[Example] = []
-    i = 0
-    while len(out) < n and any(queues):
-        q = queues[i % len(queues)]
-        if q:
-            out.append(q.pop(0))
-        i += 1
-    return out
+        by_part[ex.part][ex.category].append(ex)
+
+    def interleave(groups: list[list[Example]]) -> list[Example]:
+        out, queues = [], [list(g) for g in groups]
+        while any(queues):
+            for q in queues:
+                if q:
+                    out.append(q.pop(0))
+        return out
+
+    per_part = [interleave(list(cats.values())) for cats in by_part.values()]
+    return interleave(per_part)[:n]
 
 
 # -- templating ------------------------------------------------------------------------------

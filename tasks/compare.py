@@ -143,8 +143,8 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
-            speed_new_tokens=cfg.speed.new_tokens, batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
-            warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_max_new_tokens,
+            speed_new_tokens=cfg.speed_new_tokens(gpu), batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
+            warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_tokens(gpu),
             compute_dtype=M.resolve_compute_dtype(cfg.compute_dtype), attn=M.resolve_attn(cfg.attn_implementation),
             seed=cfg.eval.seed, reraise=is_transient, log=log)
     return {"model": entry["name"], "spec": entry["spec"], "source_label": entry.get("source_label"), **row}
@@ -169,9 +169,8 @@ def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: Artifact
     table = B.display_rows(rows)
     method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
     settings = {
-        "eval_items": eval_n, "eval_max_new_tokens": cfg.eval_max_new_tokens(gpu),
-        "eval_batch_size": cfg.eval.batch_size, "speed": cfg.speed.model_dump(),
-        "answer_max_new_tokens": cfg.answer_max_new_tokens, "compute_dtype": str(M.resolve_compute_dtype(cfg.compute_dtype)),
+        **cfg.resolved(gpu), "eval_items": eval_n, "eval_batch_size": cfg.eval.batch_size,
+        "speed": cfg.speed.model_dump(), "compute_dtype": str(M.resolve_compute_dtype(cfg.compute_dtype)),
         "attn_implementation": M.resolve_attn(cfg.attn_implementation), "data": cfg.data.source,
     }
     staging = store.staging_dir(key)
@@ -204,10 +203,12 @@ def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, set
         "\n".join([
             f"- **load s**: loading the local safetensors checkpoint in that precision, plus its tokenizer.",
             "- **footprint MB**: `model.get_memory_footprint()` (10^6 bytes).",
-            f"- **peak MB**: {method or 'n/a'}, over load, speed runs, evaluation and answers.",
+            f"- **peak MB**: {method or 'n/a'}; through loading and the speed runs (the CSV also has the "
+            "peak of loading alone, `peak_load_mb`, and of the whole measurement including the evaluation's "
+            "full-vocabulary loss pass, `peak_mb`).",
             f"- **TTFT ms**: time to the first new token at batch {sizes[0]}; **tok/s**: decode tokens/s "
             f"(tokens after the first over their time, × batch size) at batch {sizes[0]} and {sizes[-1]}; "
-            f"{cfg.speed.new_tokens} forced new tokens, {cfg.speed.warmup} warm-up + {cfg.speed.runs} timed runs, "
+            f"{settings['speed_new_tokens']} forced new tokens, {cfg.speed.warmup} warm-up + {cfg.speed.runs} timed runs, "
             "median ± half the range.",
             "- **key acc / char F1 / chrF / ans. loss**: the finetune flow's evaluation metrics (key fact in the "
             "answer; character F1 and chrF against the reference; mean cross-entropy of the reference answer).",

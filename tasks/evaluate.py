@@ -38,18 +38,30 @@ def hardware() -> dict:
             "cores": os.cpu_count()}
 
 
+def _adapter_on_quantized(base: dict, adapter: dict, store: ArtifactStore):
+    """What training saw: the adapter on the 4-bit base, before any merge."""
+    from peft import PeftModel
+
+    model = M.load_model(store.get_dir(base["quantized"]["key"]), "saved",
+                         compute_dtype=M.resolve_compute_dtype("auto"))
+    return PeftModel.from_pretrained(model, str(store.get_dir(adapter["key"]))).eval()
+
+
 def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: EvalConfig, store: ArtifactStore,
-                   log=print) -> dict:
+                   log=print, run_config: dict | None = None) -> dict:
     key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump()])}"
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
     test = read_jsonl(store.get_dir(dataset["key"]) / "test.jsonl")
     mode = "bf16" if M.on_gpu() else "fp32"  # CPUs run bf16 matmuls slowly
+    candidates = [("base", lambda: M.load_model(store.get_dir(base["base"]["key"]), mode))]
+    if cfg.adapter_on_4bit:
+        candidates.append(("adapter-on-4bit", lambda: _adapter_on_quantized(base, adapter, store)))
+    candidates.append(("fine-tuned", lambda: M.load_model(store.get_dir(merged["key"]), mode)))
+    tokenizer = M.load_tokenizer(store.get_dir(merged["key"]))
     results = {}
-    for name, model_key in (("base", base["base"]["key"]), ("fine-tuned", merged["key"])):
-        model_dir = store.get_dir(model_key)
-        model = M.load_model(model_dir, mode)
-        tokenizer = M.load_tokenizer(model_dir)
+    for name, load in candidates:
+        model = load()
         log(f"evaluating {name} on {len(test)} held-out questions")
         results[name] = evaluate_model(model, tokenizer, test, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
         del model
@@ -69,6 +81,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
                        "seed": cfg.seed, "dtype": mode},
         "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"]},
         "model": base["base"]["source"],
+        "config": run_config,
         "merge_check": merged.get("merge_check"),
         "train": adapter.get("train"),
         "versions": versions(),
@@ -92,6 +105,9 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
         f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
         "## Before / after (held-out split)", R.markdown_table(table),
         "## Key accuracy per test part", R.markdown_table(R.group_table(results, "by_part")),
+        *[f"### All metrics, test part `{part}`\n\n" + R.markdown_table(R.comparison_rows(
+            {n: r["summary"]["by_part"][part] for n, r in results.items()}))
+          for part in results[next(iter(results))]["summary"]["by_part"]],
         "## Key accuracy per category", R.markdown_table(R.group_table(results, "by_category")),
         "![loss curve](loss_curve.png)\n\n![by part](key_accuracy_by_part.png)\n\n"
         "![by category](key_accuracy_by_category.png)",
@@ -102,10 +118,11 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", **gpu_retry())
-def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, eval: EvalConfig, storage: StorageConfig) -> dict:
+def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, eval: EvalConfig, storage: StorageConfig,
+             run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info)
+    record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config)
     create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics, base vs fine-tuned")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
     create_markdown_artifact(key="finetune-report", markdown=(

