@@ -120,7 +120,7 @@ def ensure_global_limit(client, name: str = GPU_LIMIT, limit: int = 1) -> None:
 
 def ensure_automation(client, deployment_id, webhook_url: str | None, log=print) -> str | None:
     """A webhook notification for failed/crashed runs of the nightly deployment. Without a URL: skip."""
-    from prefect.automations import Automation
+    from prefect.automations import AutomationCore
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import EventTrigger, Posture
@@ -135,7 +135,7 @@ def ensure_automation(client, deployment_id, webhook_url: str | None, log=print)
     block_id = block.save(WEBHOOK_BLOCK, overwrite=True)
     for old in client.read_automations_by_name(AUTOMATION):
         client.delete_automation(old.id)
-    automation = Automation(
+    automation = AutomationCore(
         name=AUTOMATION,
         description="Posts a failed or crashed finetune/nightly run to the slmforge-failures webhook block.",
         trigger=EventTrigger(

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_stack_commands(sub) -> None:
-    state_help = "where the stack keeps its database, bucket, logs and pids (default ./.slmforge/stack, or SLMFORGE_STACK_DIR)"
+    state_help = "where the stack keeps its database, bucket, logs and pids (default <project>/.slmforge/stack, or SLMFORGE_STACK_DIR)"
     up = sub.add_parser(
         "up", help="start the local service stack: Prefect server + UI, SeaweedFS S3, work pool, deployments, worker",
         description="Start on 127.0.0.1 a Prefect server (SQLite, UI on --port), SeaweedFS S3 with a bucket, create the "
@@ -74,7 +74,7 @@ def _add_stack_commands(sub) -> None:
     up.add_argument("--state-dir", default=None, help=state_help)
     up.add_argument("--port", type=int, default=4200, help="Prefect API and UI port (default 4200)")
     up.add_argument("--s3-port", type=int, default=8333,
-                    help="SeaweedFS S3 port (default 8333); its internal ports are the next nine")
+                    help="SeaweedFS S3 port (default 8333); it also uses the next eight and S3_PORT+10008")
     up.add_argument("--bucket", default="slmforge", help="the bucket for artifacts and task results")
     up.add_argument("--cron", default="0 2 * * *", help="schedule of finetune/nightly (default 02:00)")
     up.add_argument("--timezone", default="UTC", help="time zone of the schedule, e.g. Asia/Seoul (default UTC)")

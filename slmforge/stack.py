@@ -33,9 +33,10 @@ DEFAULT_STATE_DIR = PROJECT_DIR / ".slmforge" / "stack"
 HOST = "127.0.0.1"
 # Order matters: started in this order, stopped in reverse.
 SERVICES = ("seaweedfs", "prefect-server", "worker")
-# SeaweedFS listens on 10 ports: S3 on `s3_port`, its master/volume/filer/admin (+gRPC) on the next 9.
-WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
-              "admin", "admin.grpc")
+# SeaweedFS listens on 10 ports: S3 on `s3_port`, its master/volume/filer (+gRPC) and admin on the next 8,
+# and the admin's gRPC on admin + 10000 (weed mini's maintenance worker dials that one whatever
+# -admin.port.grpc says, so it is left at its default).
+WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin")
 
 
 class StackError(RuntimeError):
@@ -46,7 +47,7 @@ class StackError(RuntimeError):
 class StackSettings:
     state_dir: Path = DEFAULT_STATE_DIR
     port: int = 4200          # Prefect API and UI
-    s3_port: int = 8333       # SeaweedFS S3; its other ports follow (s3_port+1 … s3_port+9)
+    s3_port: int = 8333       # SeaweedFS S3; its other ports: s3_port+1 … s3_port+8 and s3_port+10008
     bucket: str = "slmforge"
     prefix: str = "store"
     pool: str = "gpu"
@@ -78,7 +79,10 @@ class StackSettings:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
     def weed_ports(self) -> dict[str, int]:
-        return {name: self.s3_port + i for i, name in enumerate(WEED_PORTS)}
+        """Every port SeaweedFS listens on; all but `admin.grpc` are set on its command line."""
+        ports = {name: self.s3_port + i for i, name in enumerate(WEED_PORTS)}
+        ports["admin.grpc"] = ports["admin"] + 10000
+        return ports
 
     @property
     def state_file(self) -> Path:
@@ -151,7 +155,14 @@ class Proc:
 
     def running(self) -> bool:
         """Still the process we started: same pid, same start time (no pid reuse), same program."""
-        return _proc_start_time(self.pid) == self.start_time and _cmdline(self.pid)[:1] == self.cmd[:1]
+        if _proc_start_time(self.pid) != self.start_time:
+            return False
+        argv = _cmdline(self.pid)
+        return not argv or argv[:1] == self.cmd[:1]  # an unreadable cmdline: the start time decides
+
+    def describe(self) -> str:
+        return f"pid {self.pid}: start time {_proc_start_time(self.pid)} (recorded {self.start_time}), " \
+               f"argv[0] {(_cmdline(self.pid) or ['?'])[0]!r} (recorded {self.cmd[0]!r})"
 
 
 def port_open(port: int, host: str = HOST) -> bool:
@@ -293,7 +304,8 @@ def _wait(what: str, proc: Proc, ready: Callable[[], bool], timeout: float) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.running():
-            raise StackError(f"{what} exited while starting; last lines of {proc.log}:\n{_tail(proc.log)}")
+            raise StackError(f"{what} exited while starting ({proc.describe()}); "
+                             f"last lines of {proc.log}:\n{_tail(proc.log)}")
         try:
             if ready():
                 return
@@ -328,7 +340,7 @@ def weed_binary() -> str:
     return found
 
 
-def start_seaweedfs(settings: StackSettings) -> Proc:
+def start_seaweedfs(settings: StackSettings) -> tuple[Proc, Callable[[], None]]:
     ports = settings.weed_ports()
     _check_ports_free("SeaweedFS", list(ports.values()))
     data = settings.state_dir / "seaweedfs"
@@ -337,12 +349,11 @@ def start_seaweedfs(settings: StackSettings) -> Proc:
            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
            f"-bucket={settings.bucket}"]
     cmd += [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
-            for name, port in ports.items()]
+            for name, port in ports.items() if name != "admin.grpc"]
     # weed mini sets up its S3 identity from these
     env = {**_base_env(), **credentials(settings)}
     proc = _launch(settings, "seaweedfs", cmd, env, list(ports.values()))
-    _wait("SeaweedFS", proc, lambda: _bucket_ready(settings), timeout=60)
-    return proc
+    return proc, lambda: _wait("SeaweedFS", proc, lambda: _bucket_ready(settings), timeout=60)
 
 
 def s3fs_for(settings: StackSettings):
@@ -362,7 +373,7 @@ def _bucket_ready(settings: StackSettings) -> bool:
     return True
 
 
-def start_prefect_server(settings: StackSettings) -> Proc:
+def start_prefect_server(settings: StackSettings) -> tuple[Proc, Callable[[], None]]:
     _check_ports_free("the Prefect server", [settings.port])
     env = prefect_env(settings)
     # the scheduler fills the next runs of a new schedule within seconds, not a minute
@@ -371,11 +382,11 @@ def start_prefect_server(settings: StackSettings) -> Proc:
     cmd = [settings.python, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(settings.port),
            "--no-background"]
     proc = _launch(settings, "prefect-server", cmd, env, [settings.port])
-    _wait("the Prefect server", proc, lambda: _http_ok(f"{settings.api_url}/health"), timeout=120)
-    return proc
+    return proc, lambda: _wait("the Prefect server", proc, lambda: _http_ok(f"{settings.api_url}/health"),
+                               timeout=120)
 
 
-def start_worker(settings: StackSettings) -> Proc:
+def start_worker(settings: StackSettings) -> tuple[Proc, Callable[[], None]]:
     env = prefect_env(settings)
     env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL")
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_query_seconds)
@@ -384,8 +395,7 @@ def start_worker(settings: StackSettings) -> Proc:
            "--limit", "1", "--name", f"slmforge-{HOST}-{settings.port}", "--install-policy", "never",
            "--no-create-pool-if-not-found"]
     proc = _launch(settings, "worker", cmd, env, [], cwd=PROJECT_DIR)
-    _wait("the worker", proc, lambda: _worker_online(settings, proc), timeout=90)
-    return proc
+    return proc, lambda: _wait("the worker", proc, lambda: _worker_online(settings, proc), timeout=90)
 
 
 def _worker_online(settings: StackSettings, proc: Proc) -> bool:
@@ -401,6 +411,14 @@ def _worker_online(settings: StackSettings, proc: Proc) -> bool:
 
 def configure(settings: StackSettings, log=print) -> dict[str, Any]:
     """Work pool, limits, blocks, deployments, automation: upserts, safe to repeat."""
+    try:
+        return _configure(settings, log)
+    except Exception as e:  # noqa: BLE001 - reported with the server's log
+        raise StackError(f"configuring the stack failed: {type(e).__name__}: {e}\n"
+                         f"(server log: {settings.log_dir / 'prefect-server.log'})") from e
+
+
+def _configure(settings: StackSettings, log) -> dict[str, Any]:
     from deployments.deploy import deploy_all
 
     creds = credentials(settings)
@@ -418,6 +436,11 @@ def up(settings: StackSettings, log=print) -> dict[str, Any]:
     if settings.webhook_url is None:
         settings.webhook_url = state.get("settings", {}).get("webhook_url")  # keep a configured webhook
     running = running_processes(settings)
+    recorded = state.get("settings", {})
+    moved = [k for k in ("port", "s3_port", "bucket") if recorded.get(k) not in (None, getattr(settings, k))]
+    if running and moved:
+        raise StackError(f"the stack in {settings.state_dir} is running with "
+                         + ", ".join(f"{k}={recorded[k]}" for k in moved) + "; run `slmforge down` first to change that")
     procs = {name: asdict(p) for name, p in running.items()}
     starters = {"seaweedfs": start_seaweedfs, "prefect-server": start_prefect_server, "worker": start_worker}
     record = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
@@ -431,9 +454,15 @@ def up(settings: StackSettings, log=print) -> dict[str, Any]:
             if name == "worker":
                 record["configuration"] = configure(settings, log=log)
             log(f"{name}: starting")
-            proc = starters[name](settings)
+            proc, wait_ready = starters[name](settings)
             procs[name] = asdict(proc)
-            save_state(settings, record)  # a failure later still lets `down` stop what started
+            save_state(settings, record)  # whatever happens next, `down` can stop what started
+            try:
+                wait_ready()
+            except BaseException:
+                stop_process(proc)
+                del procs[name]
+                raise
             log(f"{name}: running (pid {proc.pid}, log {proc.log})")
         if "configuration" not in record:
             record["configuration"] = configure(settings, log=log)
@@ -482,6 +511,7 @@ def how_to_use(settings: StackSettings, state: dict[str, Any]) -> str:
         "  prefect deployment run finetune/nightly",
         "or in the UI: Deployments → finetune/nightly → Run → Custom run (edit `cfg`).",
         "Stop everything (data is kept):",
-        "  slmforge down" + ("" if settings.state_dir == DEFAULT_STATE_DIR else f" --state-dir {settings.state_dir}"),
+        "  slmforge down" + ("  (or: make down)" if settings.state_dir == DEFAULT_STATE_DIR
+                             else f" --state-dir {settings.state_dir}"),
     ]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ import pytest
 
 from slmforge.stack import SERVICES, StackSettings, alive, port_open, process_tree, running_processes
 
-pytestmark = pytest.mark.e2e
+e2e = pytest.mark.e2e
 
 STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
 RUN_TIMEOUT = 420
@@ -42,10 +42,11 @@ def _free(port: int) -> bool:
     return True
 
 
-def _free_block(n: int, lo: int = 20000, hi: int = 40000) -> int:
+def _free_block(n: int, lo: int = 20000, hi: int = 40000, also: tuple[int, ...] = ()) -> int:
+    """A base port with base … base+n-1 (and base+each of `also`) free."""
     for _ in range(200):
         base = random.randrange(lo, hi - n)
-        if all(_free(base + i) for i in range(n)):
+        if all(_free(base + i) for i in (*range(n), *also)):
             return base
     raise RuntimeError("no free port block")
 
@@ -82,9 +83,9 @@ class Stack:
         self.state_dir = root / "stack"
         self.webhook = webhook
         self.port = _free_block(1)
-        self.s3_port = _free_block(10)
-        while abs(self.s3_port - self.port) < 10:
-            self.s3_port = _free_block(10)
+        self.s3_port = _free_block(9, also=(10008,))  # SeaweedFS: see StackSettings.weed_ports
+        while self.port in StackSettings(s3_port=self.s3_port).weed_ports().values():
+            self.s3_port = _free_block(9, also=(10008,))
         self.bucket = "slmforge"
         self.completed_run_id: str | None = None
         self.cli_seconds: dict[str, float] = {}
@@ -221,8 +222,50 @@ def stack(tmp_path_factory):
         print(f"\nstack command timings (s): {s.cli_seconds}")
 
 
-# -- the tests, in order -------------------------------------------------------------------------
+# -- quick checks of the pieces (no stack) -------------------------------------------------------
 
+def test_stop_process_stops_the_whole_tree_even_children_in_their_own_session(tmp_path):
+    from slmforge.stack import Proc, _proc_start_time, stop_process
+
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], " \
+             "start_new_session=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while len(process_tree(p.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree = process_tree(p.pid)
+    assert len(tree) == 2
+    proc = Proc("t", p.pid, _proc_start_time(p.pid), [sys.executable], str(tmp_path / "log"))
+    assert proc.running()
+    assert sorted(stop_process(proc, timeout=5)) == sorted(tree)
+    assert not any(alive(x) for x in tree) and not proc.running()
+    assert Proc("t", p.pid, 1, [sys.executable], "").running() is False  # another start time: not ours
+
+
+def test_pool_env_carries_gpu_and_storage_settings_but_no_key_values():
+    from deployments.deploy import base_job_template, has_flow, job_env
+
+    env = job_env("http://127.0.0.1:8333", "us-east-1", "0", credentials_in_secrets=True)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"
+    assert env["AWS_ACCESS_KEY_ID"].startswith("{{ prefect.blocks.secret.") and env["SLMFORGE_GPU_LIMIT"] == "gpu"
+    assert "AWS_ACCESS_KEY_ID" not in job_env(None, None, None, credentials_in_secrets=False)
+    template = base_job_template(env)
+    assert template["variables"]["properties"]["env"]["default"] == env
+    assert template["job_configuration"]["env"] == "{{ env }}"
+    root = Path(__file__).resolve().parent.parent
+    assert has_flow(root / "flows" / "finetune.py", "finetune")
+    assert not has_flow(root / "flows" / "finetune.py", "compare") and not has_flow(root / "nope.py", "x")
+
+
+def test_seaweedfs_ports_do_not_overlap():
+    ports = StackSettings(s3_port=8333).weed_ports()
+    assert ports["s3"] == 8333 and ports["admin.grpc"] == 8341 + 10000
+    assert len(set(ports.values())) == len(ports) == 10
+
+
+# -- the stack, in order -------------------------------------------------------------------------
+
+@e2e
 def test_up_creates_everything_once_and_is_idempotent(stack):
     from prefect.exceptions import ObjectNotFound
 
@@ -262,6 +305,7 @@ def test_up_creates_everything_once_and_is_idempotent(stack):
     assert not any(v.startswith(b"AWS_") for v in worker_env)
 
 
+@e2e
 def test_nightly_run_completes_with_artifacts_in_the_bucket(stack, tiny_model_dir):
     run = stack.trigger({"cfg": stack.cfg(tiny_model_dir)})
     assert run.state.is_completed(), f"{run.state}\n{stack.logs()}"
@@ -284,6 +328,7 @@ def test_nightly_run_completes_with_artifacts_in_the_bucket(stack, tiny_model_di
         assert any(b.data.get("basepath") == f"s3://{stack.bucket}/e2e/prefect-results" for b in blocks.values())
 
 
+@e2e
 def test_second_trigger_is_served_from_the_cache(stack, tiny_model_dir):
     if stack.completed_run_id is None:
         pytest.skip("the first run did not complete")
@@ -297,6 +342,7 @@ def test_second_trigger_is_served_from_the_cache(stack, tiny_model_dir):
     assert all(states[s] == "Cached" for s in STAGES), states
 
 
+@e2e
 def test_failed_nightly_run_is_posted_to_the_webhook(stack, tiny_model_dir):
     run = stack.trigger({"cfg": stack.cfg(tiny_model_dir, model={"source": "/nonexistent/model-dir"})})
     assert run.state.is_failed(), run.state
@@ -309,6 +355,7 @@ def test_failed_nightly_run_is_posted_to_the_webhook(stack, tiny_model_dir):
     assert "Failed" in post["body"] and run.name in post["body"], post
 
 
+@e2e
 def test_down_stops_exactly_what_up_started_and_keeps_the_data(stack):
     procs = stack.processes()
     assert set(procs) == set(SERVICES)
