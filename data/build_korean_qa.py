@@ -16,12 +16,18 @@ always writes byte-identical files:
 With ``--out DIR`` only the three JSONL files are written, into DIR.
 
 Split design (see data/README.md):
-  * every fact has three question wordings w0, w1, w2; w2 is the *held-out*
-    wording and never goes to train;
-  * "taught" facts: w0 and w1 in train, w2 in test (part "taught");
-  * "unseen" facts: only w2, in test (part "unseen"); absent from train/validation;
-  * "validation" facts: w0 and w1 in train, w2 in validation;
-  * the remaining facts: one wording (w0 or w1) in train.
+  * every fact has three question wordings w0, w1, w2; one of them, chosen by a
+    hash of the fact id, is the fact's *held-out* wording and never goes to train
+    for that fact.  The held-out slot rotates across facts, so every question
+    pattern is still taught (with other facts): a test question is new wording
+    for its fact, not a pattern the model has never seen;
+  * "taught" facts: the two other wordings in train, the held-out one in test
+    (part "taught");
+  * "unseen" facts: only the held-out wording, in test (part "unseen"); absent
+    from train/validation;
+  * "validation" facts: the two other wordings in train, the held-out one in
+    validation;
+  * the remaining facts: one of the two other wordings in train.
   Roles are dealt round-robin over a seeded shuffle of each family, so every
   category shows up in every part.  Question near-duplicates across splits are
   dropped (character-bigram Jaccard >= 0.9 after normalisation).
@@ -30,6 +36,7 @@ Split design (see data/README.md):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -1342,13 +1349,8 @@ def arithmetic_facts(rng: random.Random) -> list[tuple[Fact, str]]:
                 if pair in used_pairs:
                     continue
                 questions = [fill(w, a=a, b=b) for w in wordings]
-                # which wordings will actually be used (see items_for_fact)
-                if role in ("taught", "validation"):
-                    used = questions
-                elif role == "unseen":
-                    used = questions[2:]
-                else:
-                    used = [questions[i % 2]]
+                # check every wording: which ones are used depends on the fact's held-out slot
+                used = questions
                 keys = number_keys(r)
                 if any(norm_key(k) in norm_key(q) for q in used for k in keys):
                     continue  # the result must not be readable off the question
@@ -1410,19 +1412,26 @@ def make_item(fact: Fact, wording: int, part: str | None) -> dict:
     }
 
 
+def held_out(fact_id: str) -> int:
+    """The fact's held-out wording: stable (a hash of the id), and rotating across facts."""
+    return int(hashlib.sha256(fact_id.encode()).hexdigest(), 16) % 3
+
+
 def items_for_fact(fact: Fact, role: str, index: int) -> dict[str, list[dict]]:
-    """Place a fact's wordings into splits.  Wording 2 (w2) is the held-out one."""
+    """Place a fact's wordings into splits; its held-out wording never goes to train."""
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    held = held_out(fact.fact)
+    taught = [w for w in range(3) if w != held]
     if role == "taught":
-        out["train"] += [make_item(fact, 0, None), make_item(fact, 1, None)]
-        out["test"].append(make_item(fact, 2, "taught"))
+        out["train"] += [make_item(fact, w, None) for w in taught]
+        out["test"].append(make_item(fact, held, "taught"))
     elif role == "unseen":
-        out["test"].append(make_item(fact, 2, "unseen"))
+        out["test"].append(make_item(fact, held, "unseen"))
     elif role == "validation":
-        out["train"] += [make_item(fact, 0, None), make_item(fact, 1, None)]
-        out["validation"].append(make_item(fact, 2, None))
+        out["train"] += [make_item(fact, w, None) for w in taught]
+        out["validation"].append(make_item(fact, held, None))
     elif role == "train":
-        out["train"].append(make_item(fact, index % 2, None))
+        out["train"].append(make_item(fact, taught[index % 2], None))
     else:
         raise ValueError(role)
     return out

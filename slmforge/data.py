@@ -734,11 +734,13 @@ def tokenize_split(tokenizer, examples: list[Example], cfg: DataConfig, report: 
     return out
 
 
-def fingerprint(splits: dict[str, list[dict]], chat_template: str | None) -> str:
+def fingerprint(splits: dict[str, list[dict]], chat_template: str | None,
+                only: tuple[str, ...] = SPLITS) -> str:
     """Content hash of the prepared splits (every field written) plus the template: the data's
-    cache key downstream. Same rows, same key; one changed row, label or id, a new key."""
+    cache key downstream. Same rows, same key; one changed row, label or id, a new key.
+    `only=("train", "validation")` gives the training key: a new test subset does not retrain."""
     h = hashlib.sha256((chat_template or "").encode())
-    for split in SPLITS:
+    for split in only:
         for rec in splits.get(split, []):
             h.update(json.dumps([split, rec], sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
             h.update(b"\n")

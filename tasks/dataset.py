@@ -99,6 +99,7 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
         "key": key,
         "uri": store.uri(key),
         "fingerprint": fp,
+        "train_fingerprint": D.fingerprint(records, tokenizer.chat_template, only=("train", "validation")),
         "source": data.source,
         "stats": D.split_stats(records),
         "validation": report.to_dict(),

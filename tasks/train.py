@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import traceback
 from pathlib import Path
+
+import torch
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -17,11 +22,36 @@ from slmforge.data import read_jsonl
 from slmforge.report import loss_chart
 from tasks.caching import STAGE_CACHE
 from tasks.retry import gpu_retry
-from tasks.storage import ArtifactStore, content_hash
+from tasks.storage import MANIFEST, ArtifactStore, StoreError, content_hash
 
 # task-run id -> how many times an attempt ran out of memory (retries run in the same process)
 _OOM_HALVINGS: dict[str, int] = {}
 MIN_MICRO_BATCH = 1
+KEEP_CHECKPOINTS = 2  # complete checkpoints kept in the store per adapter while it trains
+
+# Test-only fault injection, comma-separated: `oom:N` raises a CUDA out-of-memory error on the first
+# N attempts of the training task (after the base loaded); `kill-after-checkpoint` SIGKILLs the
+# process once the first checkpoint of a fresh (not resumed) run is in the store. Unset in production.
+FAULT_ENV = "SLMFORGE_INJECT_FAULT"
+
+
+class TrainingMemoryError(RuntimeError):
+    """Out of memory even at the smallest micro-batch: retrying cannot help (not retried)."""
+
+    retryable = False
+
+
+def injected_faults() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, n = item.strip().partition(":")
+        if name:
+            out[name] = int(n) if n.strip().isdigit() else 1
+    return out
+
+
+def is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
@@ -30,9 +60,83 @@ def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
     return micro, cfg.grad_accum * (cfg.batch_size // micro)
 
 
+def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig) -> str:
+    """Derived from everything that changes the adapter; how often it checkpoints does not."""
+    settings = cfg.model_dump(exclude={"save_steps"})
+    return f"adapters/{content_hash([dataset['train_fingerprint'], base['quantized']['key'], lora.model_dump(), settings])}"
+
+
+def checkpoint_prefix(key: str) -> str:
+    return f"checkpoints/{key}"
+
+
+def store_checkpoints(store: ArtifactStore, prefix: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """(complete checkpoints as (step, name), oldest first; names without a manifest)."""
+    complete, partial = [], []
+    for name in store.children(prefix):
+        step = T.checkpoint_step(name)
+        if step is None:
+            continue
+        (complete.append((step, name)) if store.exists(f"{prefix}/{name}") else partial.append(name))
+    return sorted(complete), partial
+
+
+def restore_checkpoint(store: ArtifactStore, prefix: str, work: Path, log=print) -> int | None:
+    """Put the newest complete checkpoint into the work dir, from the store unless the work dir
+    already has one at least as new (a retry on the same machine). Upload leftovers of a crash
+    (no manifest) are removed. Returns the step training will resume from, or None."""
+    complete, partial = store_checkpoints(store, prefix)
+    for name in partial:
+        store.discard_partial(f"{prefix}/{name}")
+    local = T.latest_checkpoint(work)
+    local_step = T.checkpoint_step(local) if local else None
+    if complete and (local_step is None or complete[-1][0] > local_step):
+        step, name = complete[-1]
+        src = store.get_dir(f"{prefix}/{name}", verify="full")
+        tmp = work / f".{name}.restoring"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+        shutil.rmtree(work / name, ignore_errors=True)
+        os.replace(tmp, work / name)
+        log(f"resuming from checkpoint {step} in {store.uri(f'{prefix}/{name}')}")
+        return step
+    if local_step is not None:
+        log(f"resuming from checkpoint {local_step} in {local}")
+    return local_step
+
+
+def _checkpoint_uploader(store: ArtifactStore, key: str, work: Path, micro: int, accum: int,
+                         kill_after: bool, log=print):
+    prefix = checkpoint_prefix(key)
+
+    def upload(path: Path, step: int) -> None:
+        ckpt_key = f"{prefix}/{path.name}"
+        try:
+            store.upload_dir(path, ckpt_key, meta={"step": step, "adapter": key, "micro_batch": micro,
+                                                   "grad_accum": accum})
+            complete, partial = store_checkpoints(store, prefix)
+            for _, name in complete[:-KEEP_CHECKPOINTS]:
+                store.remove(f"{prefix}/{name}")
+            for name in partial:
+                if T.checkpoint_step(name) < step:
+                    store.discard_partial(f"{prefix}/{name}")
+        except StoreError as e:  # a checkpoint that did not reach the store must not stop training
+            log(f"checkpoint {step} not saved to the store (training goes on; a copy is in {work}): {e}")
+            return
+        log(f"checkpoint {step} saved: {store.uri(ckpt_key)}")
+        if kill_after:
+            log(f"{FAULT_ENV}: killing this process after checkpoint {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return upload
+
+
 def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSettings, cfg: TrainConfig,
-                 store: ArtifactStore, progress=None, halvings: int = 0, log=print) -> dict:
-    key = f"adapters/{content_hash([dataset['fingerprint'], base['quantized']['key'], lora.model_dump(), cfg.model_dump()])}"
+                 store: ArtifactStore, progress=None, halvings: int = 0, log=print, attempt: int = 1) -> dict:
+    """Train (or resume) the adapter and commit it to the store. Checkpoints go to
+    `checkpoints/<adapter key>/checkpoint-N/` every `cfg.save_steps` steps, and a re-run with the same
+    inputs, here or on another machine, resumes from the newest complete one."""
+    key = adapter_key(dataset, base, lora, cfg)
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
     data_dir = store.get_dir(dataset["key"])
@@ -40,35 +144,78 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     val_recs = read_jsonl(data_dir / "validation.jsonl")
     model_dir = store.get_dir(base["quantized"]["key"])
     micro, accum = micro_batch_after_ooms(cfg, halvings)
-    work = store.cache_dir / "checkpoints" / key  # survives a retry: training resumes from here
+    work = store.cache_dir / "checkpoints" / key  # local working copy; the store holds the durable one
     work.mkdir(parents=True, exist_ok=True)
+    resume_step = restore_checkpoint(store, checkpoint_prefix(key), work, log)
+    faults = injected_faults()
+    upload = _checkpoint_uploader(store, key, work, micro, accum,
+                                  kill_after="kill-after-checkpoint" in faults and resume_step is None, log=log)
     compute = M.resolve_compute_dtype(model_cfg.compute_dtype)
     model = M.load_model(model_dir, "saved", compute_dtype=compute, attn=M.resolve_attn(model_cfg.attn_implementation))
     tokenizer = M.load_tokenizer(model_dir)
     try:
+        if attempt <= faults.get("oom", 0):
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by {FAULT_ENV}, attempt {attempt}, "
+                f"micro-batch {micro})")
         peft_model, result = T.train(model, tokenizer, train_recs, val_recs or None, lora, cfg, work,
-                                     progress=progress, micro_batch=micro, grad_accum=accum)
+                                     progress=progress, micro_batch=micro, grad_accum=accum,
+                                     save_steps=cfg.save_steps, on_checkpoint=upload)
         staging = store.staging_dir(key)
         T.save_adapter(peft_model, tokenizer, staging, result)
         loss_chart(result.loss_curve, staging / "loss_curve.png")
+        del peft_model
     finally:
         del model
         M.free_memory()
-    meta = {"train": {k: v for k, v in result.to_dict().items() if k != "loss_curve"},
-            "fingerprint": dataset["fingerprint"]}
+    train = {k: v for k, v in result.to_dict().items() if k != "loss_curve"}
+    train.update(oom_retries=halvings, effective_batch=micro * accum, attempt=attempt)
+    meta = {"train": train, "fingerprint": dataset["fingerprint"]}
     store.commit_dir(staging, key, meta=meta)
+    try:  # the adapter is in: its checkpoints are no longer needed
+        store.remove(checkpoint_prefix(key))
+    except StoreError as e:
+        log(f"could not remove the checkpoints of {key}: {e}")
     shutil.rmtree(work, ignore_errors=True)
     log(f"adapter: {store.uri(key)}")
     return {"key": key, "uri": store.uri(key), **meta}
+
+
+def memory_advice(cfg: TrainConfig, lora: LoraSettings, base: dict, store: ArtifactStore, max_tokens: int) -> str:
+    """What would fit, from the memory estimator: micro-batch 1 with and without gradient checkpointing
+    against this device's memory. Best effort: an empty string when it cannot be estimated."""
+    try:
+        from slmforge.memory import GB, ModelShape, qlora_training_bytes
+
+        config = json.loads((store.get_dir(base["quantized"]["key"]) / "config.json").read_text())
+        shape = ModelShape.from_config(config)
+        est = {gc: qlora_training_bytes(shape, r=lora.r, target_modules=lora.target_modules, seq_len=max_tokens,
+                                        batch_size=1, gradient_checkpointing=gc)["total"] / GB
+               for gc in (False, True)}
+        have = ""
+        if torch.cuda.is_available():
+            have = f"; this GPU has {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB"
+        return (f" The estimator puts micro-batch 1 × {max_tokens} tokens at {est[False]:.1f} GB without and "
+                f"{est[True]:.1f} GB with gradient checkpointing{have}.")
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 @task(name="train_qlora", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json",
       **gpu_retry())
 def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSettings, train: TrainConfig,
                 storage: StorageConfig) -> dict:
+    """Retried on transient faults only. On out of memory the retry halves the micro-batch and doubles
+    accumulation (same effective batch) down to micro-batch 1, then fails saying what would fit.
+    A retry or a re-run resumes from the newest checkpoint in the store."""
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
     run_id = str(current_task_run.id)
+    attempt = current_task_run.run_count or 1
+    halvings = _OOM_HALVINGS.get(run_id, 0)
+    micro, accum = micro_batch_after_ooms(train, halvings)
+    if attempt > 1:
+        logger.info("attempt %d: micro-batch %d x accumulation %d", attempt, micro, accum)
     artifact = create_progress_artifact(progress=0.0, description="QLoRA training steps")
     last = {"pct": -1}
 
@@ -82,15 +229,31 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
 
     try:
         record = run_training(dataset, base, model, lora, train, store, progress,
-                              halvings=_OOM_HALVINGS.get(run_id, 0), log=logger.info)
+                              halvings=halvings, log=logger.info, attempt=attempt)
     except Exception as exc:
-        if "out of memory" in str(exc).lower():
-            _OOM_HALVINGS[run_id] = _OOM_HALVINGS.get(run_id, 0) + 1
-            micro, accum = micro_batch_after_ooms(train, _OOM_HALVINGS[run_id])
-            logger.warning("out of memory; the retry uses micro-batch %d x accumulation %d", micro, accum)
+        oom = is_oom(exc)
+        # the traceback's frames hold the model, the optimizer and the batch: drop them so the
+        # memory is really free before Prefect runs the retry in this same process
+        traceback.clear_frames(exc.__traceback__)
         M.free_memory()
+        if not oom:
+            raise
+        if micro <= MIN_MICRO_BATCH:
+            tokens = dataset.get("stats", {}).get("train", {}).get("max_tokens") or 512
+            raise TrainingMemoryError(
+                f"train.batch_size: out of memory even at micro-batch {micro} x accumulation {accum} "
+                f"(gradient_checkpointing={train.gradient_checkpointing}).{memory_advice(train, lora, base, store, tokens)} "
+                "Turn on train.gradient_checkpointing, lower data.max_length or lora.r, or use a larger GPU."
+            ) from None
+        _OOM_HALVINGS[run_id] = halvings + 1
+        nxt, nxt_accum = micro_batch_after_ooms(train, halvings + 1)
+        logger.warning("out of memory at micro-batch %d x accumulation %d; the retry uses micro-batch %d x "
+                       "accumulation %d (effective batch %d unchanged)", micro, accum, nxt, nxt_accum, nxt * nxt_accum)
         raise
+    _OOM_HALVINGS.pop(run_id, None)
     t = record["train"]
-    logger.info("trained %d steps (%.2f epochs) in %.0fs, final train loss %.4f, adapter %s", t["steps"],
-                t["epochs"], t["seconds"], t["train_loss"], t["adapter_dtype"])
+    logger.info("trained %d steps (%.2f epochs) in %.0fs, final train loss %.4f, adapter %s, micro-batch %d x "
+                "accumulation %d%s", t["steps"], t["epochs"], t["seconds"], t["train_loss"], t["adapter_dtype"],
+                t["micro_batch"], t["grad_accum"],
+                f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else "")
     return record
