@@ -13,6 +13,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+from slmforge.benchmarking import load_average
 from slmforge.compare_config import CompareConfig
 from slmforge.modeling import on_gpu
 from tasks.compare import (benchmark, compare_key, compare_report, error_row, prepare_eval_set,
@@ -33,6 +34,7 @@ def compare(cfg: CompareConfig = CompareConfig()) -> dict:
     """Compare small LMs in bf16 / 8-bit / 4-bit: quality, memory, speed; report, CSV/JSON, chart."""
     logger = get_run_logger()
     started = time.time()
+    load_at_start = load_average()
     ArtifactStore.from_config(cfg.storage).check_writable()
     examples = prepare_eval_set(cfg)
 
@@ -65,7 +67,7 @@ def compare(cfg: CompareConfig = CompareConfig()) -> dict:
                 rows.append(error_row(entry, mode, error))
 
     key = compare_key(cfg, entries, on_gpu())
-    record = compare_report(rows, cfg, key, started, len(examples))
+    record = compare_report(rows, cfg, key, started, len(examples), load_at_start)
     logger.info("report: %s/report.md", record["uri"])
     return {"uri": record["uri"], "key": record["key"], "report": f"{record['uri']}/report.md",
             "table": record["table"], "rows": record["rows"], "wall_s": record["wall_s"]}

@@ -40,6 +40,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -359,6 +360,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             row["attn_implementation"] = attention_implementation(model)
             row["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
             row["device"] = str(next(model.parameters()).device)
+            row["torch_threads"] = torch.get_num_threads()
             log(f"{mode}: loaded in {row['load_s']:.1f} s, footprint {row['footprint_bytes'] / MB:.0f} MB, "
                 f"attention {row['attn_implementation']}")
 
@@ -548,21 +550,22 @@ def quality_memory_chart(rows: list[dict], path: Path, metric: str = "key_accura
         from matplotlib.lines import Line2D
 
         xs = [p[0] for p in points]
-        span = (max(xs) - min(xs)) or max(xs) or 1.0
-        placed: list[tuple[float, float]] = []
+        pad = max(1.0, (max(xs) - min(xs)) * 0.15)
+        lo, hi = max(0.0, min(xs) - pad), max(xs) + pad * 2
+        ax.set_xlim(lo, hi)
+        placed: list[tuple[float, float, int]] = []
         for x, y, tps, label in sorted(points, key=lambda p: (p[1], p[0])):
             name, mode = label.split("\n")
             ax.scatter([x], [y], s=40 + 460 * (tps / top), alpha=0.55, color=colors[name],
                        edgecolors="black", linewidths=0.5)
-            # labels of points close to each other are stacked instead of printed over each other
-            k = sum(1 for px, py in placed if abs(px - x) < 0.25 * span and abs(py - y) < 0.06)
-            placed.append((x, y))
-            ax.annotate(f"{name} · {mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
-                        xytext=(10, 4 + 10 * k), fontsize=7)
+            # a label goes on the lowest line no nearby label uses; the model is the colour (legend)
+            used = {lvl for px, py, lvl in placed if abs(px - x) < 0.22 * (hi - lo) and abs(py - y) < 0.06}
+            k = next(i for i in range(len(placed) + 1) if i not in used)
+            placed.append((x, y, k))
+            ax.annotate(f"{mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
+                        xytext=(10, 4 + 10 * k), fontsize=7, color=colors[name])
         ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors[n], label=n) for n in models],
                   fontsize=7, loc="upper left")
-        pad = max(1.0, (max(xs) - min(xs)) * 0.15)
-        ax.set_xlim(max(0, min(xs) - pad), max(xs) + pad * 2)
     else:
         ax.text(0.5, 0.5, "no model produced both a quality and a memory figure", ha="center",
                 transform=ax.transAxes)
@@ -590,6 +593,28 @@ def prompt_answer_tables(rows: list[dict], prompts: Sequence[str]) -> list[tuple
                               "answer": answers[i]["answer"][:300] or "(empty)"})
         out.append((prompt, table))
     return out
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run a block with `n` torch CPU threads (None: leave as is), restoring the number after."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (other work running slows CPU measurements)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def environment() -> dict:

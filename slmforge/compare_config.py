@@ -32,7 +32,7 @@ class CompareEvalConfig(_Section):
     """The quality half: greedy answers on held-out Q&A items, scored like the finetune evaluation."""
 
     items: int | Literal["auto"] = Field(
-        "auto", description="Evaluation items from the test split, balanced over test parts; `auto` = 16 on CPU, 64 on GPU "
+        "auto", description="Evaluation items from the test split, balanced over test parts; `auto` = 8 on CPU, 64 on GPU "
                     "(this replaces data.test_limit, which the compare flow does not use).")
     max_new_tokens: int | Literal["auto"] = Field(
         "auto", description="Greedy budget per answer; `auto` = 32 on CPU, 64 on GPU.")
@@ -52,7 +52,7 @@ class SpeedConfig(_Section):
 
     batch_sizes: list[int] = Field([1, 4], description="Batch sizes to time (the first prompts, repeated if fewer).")
     new_tokens: int | Literal["auto"] = Field(
-        "auto", description="Tokens generated per timed run (forced, greedy); `auto` = 16 on CPU, 64 on GPU.")
+        "auto", description="Tokens generated per timed run (forced, greedy); `auto` = 8 on CPU, 64 on GPU.")
     runs: int = Field(3, ge=1, le=100, description="Timed runs per batch size; the median and spread are reported.")
     warmup: int = Field(1, ge=0, le=10, description="Untimed runs before the timed ones.")
 
@@ -94,6 +94,9 @@ class CompareConfig(_Section):
         "auto", description="Matmul dtype of 8/4-bit layers; `auto` = bfloat16 on GPU, float32 on CPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; `auto` = FlashAttention 2 on GPU when installed, else SDPA.")
+    threads: int | Literal["auto"] = Field(
+        "auto", description="CPU threads for torch while measuring; `auto` = torch's default (all cores). "
+                            "On a machine other work also uses, fewer threads can be faster.")
     quality_metric: Literal["key_accuracy", "char_f1", "chrf", "exact_match"] = Field(
         "key_accuracy", description="Quality axis of the chart.")
     concurrency_limit: str | None = Field(
@@ -126,6 +129,13 @@ class CompareConfig(_Section):
             raise ValueError("needs at least one prompt")
         return v
 
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or `auto`")
+        return v
+
     @field_validator("answer_max_new_tokens")
     @classmethod
     def _answer_tokens(cls, v):
@@ -139,13 +149,13 @@ class CompareConfig(_Section):
         return v or None
 
     def eval_items(self, gpu: bool) -> int:
-        return self.eval.items if self.eval.items != "auto" else (64 if gpu else 16)
+        return self.eval.items if self.eval.items != "auto" else (64 if gpu else 8)
 
     def eval_max_new_tokens(self, gpu: bool) -> int:
         return self.eval.max_new_tokens if self.eval.max_new_tokens != "auto" else (64 if gpu else 32)
 
     def speed_new_tokens(self, gpu: bool) -> int:
-        return self.speed.new_tokens if self.speed.new_tokens != "auto" else (64 if gpu else 16)
+        return self.speed.new_tokens if self.speed.new_tokens != "auto" else (64 if gpu else 8)
 
     def answer_tokens(self, gpu: bool) -> int:
         return self.answer_max_new_tokens if self.answer_max_new_tokens != "auto" else (128 if gpu else 32)

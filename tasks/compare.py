@@ -139,7 +139,7 @@ def gpu_slot(name: str | None):
 def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print) -> dict:
     gpu = M.on_gpu()
     directory = model_dir(entry, store)
-    with gpu_slot(cfg.concurrency_limit):
+    with gpu_slot(cfg.concurrency_limit), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
@@ -163,15 +163,17 @@ def compare_key(cfg: CompareConfig, entries: list[dict], gpu: bool) -> str:
 
 
 def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: ArtifactStore, started: float,
-                 eval_n: int, log=print) -> dict:
+                 eval_n: int, log=print, load_at_start: float | None = None) -> dict:
     gpu = M.on_gpu()
     env = B.environment()
+    env["load_average_1min"] = {"start": load_at_start, "end": B.load_average()}
     table = B.display_rows(rows)
     method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
     settings = {
         **cfg.resolved(gpu), "eval_items": eval_n, "eval_batch_size": cfg.eval.batch_size,
         "speed": cfg.speed.model_dump(), "compute_dtype": str(M.resolve_compute_dtype(cfg.compute_dtype)),
         "attn_implementation": M.resolve_attn(cfg.attn_implementation), "data": cfg.data.source,
+        "threads": cfg.threads,
     }
     staging = store.staging_dir(key)
     chart = B.quality_memory_chart(rows, staging / "quality_vs_memory.png", cfg.quality_metric)
@@ -192,23 +194,28 @@ def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: Artifact
 def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, settings: dict, env: dict,
                     method: str | None, wall: float) -> str:
     sizes = cfg.speed.batch_sizes
+    load = env.get("load_average_1min") or {}
+    busy = ""
+    if load.get("start") is not None and env["device"].startswith("CPU"):
+        busy = (f" Load average (1 min) {load['start']:.1f} at the start and {load.get('end') or 0:.1f} at the end: "
+                "other work on this machine slows every speed figure.")
     parts = [
         "# slmforge model comparison",
         f"{len(rows)} rows ({sum(r.get('status') == 'ok' for r in rows)} complete) on {env['device']}, "
         f"{wall / 60:.1f} min. Quality on {settings['eval_items']} items of `{settings['data']}` "
-        f"(greedy, {settings['eval_max_new_tokens']} new tokens).",
+        f"(greedy, {settings['eval_max_new_tokens']} new tokens).{busy}",
         markdown_table(table),
         "![quality vs memory](quality_vs_memory.png)",
         "## How it was measured",
         "\n".join([
-            f"- **load s**: loading the local safetensors checkpoint in that precision, plus its tokenizer.",
+            "- **load s**: loading the local safetensors checkpoint in that precision, plus its tokenizer.",
             "- **footprint MB**: `model.get_memory_footprint()` (10^6 bytes).",
             f"- **peak MB**: {method or 'n/a'}; through loading and the speed runs (the CSV also has the "
             "peak of loading alone, `peak_load_mb`, and of the whole measurement including the evaluation's "
             "full-vocabulary loss pass, `peak_mb`).",
             f"- **TTFT ms**: time to the first new token at batch {sizes[0]}; **tok/s**: decode tokens/s "
             f"(tokens after the first over their time, × batch size) at batch {sizes[0]} and {sizes[-1]}; "
-            f"{settings['speed_new_tokens']} forced new tokens, {cfg.speed.warmup} warm-up + {cfg.speed.runs} timed runs, "
+            f"{settings['speed_new_tokens']} forced new tokens, {cfg.speed.warmup} warm-up + {cfg.speed.runs} timed runs per batch size, "
             "median ± half the range.",
             "- **key acc / char F1 / chrF / ans. loss**: the finetune flow's evaluation metrics (key fact in the "
             "answer; character F1 and chrF against the reference; mean cross-entropy of the reference answer).",
@@ -254,10 +261,11 @@ def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig) 
 
 
 @task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def compare_report(rows: list[dict], cfg: CompareConfig, key: str, started: float, eval_n: int) -> dict:
+def compare_report(rows: list[dict], cfg: CompareConfig, key: str, started: float, eval_n: int,
+                   load_at_start: float | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(cfg.storage)
-    record = write_report(rows, cfg, key, store, started, eval_n, logger.info)
+    record = write_report(rows, cfg, key, store, started, eval_n, logger.info, load_at_start)
     create_table_artifact(key="compare-table", table=record["table"],
                           description="Quality, memory and speed per model × precision")
     md = record.pop("markdown")

@@ -95,7 +95,9 @@ def test_tables_csv_and_chart(tmp_path):
 def test_compare_config_from_overrides_and_file(tmp_path):
     cfg = load_compare_config(overrides=["models=./m", "modes=[bf16, 4bit-nodq]", "speed.batch_sizes=[4,1,4]"])
     assert cfg.models == ["./m"] and cfg.modes == ["bf16", "4bit-nodq"] and cfg.speed.batch_sizes == [1, 4]
-    assert cfg.eval_items(gpu=False) == 16 and cfg.eval_items(gpu=True) == 64
+    assert cfg.eval_items(gpu=False) == 8 and cfg.eval_items(gpu=True) == 64
+    assert cfg.resolved(gpu=False) == {"eval_items": 8, "eval_max_new_tokens": 32, "speed_new_tokens": 8,
+                                       "answer_max_new_tokens": 32}
     f = tmp_path / "c.yaml"
     f.write_text("models: [a/b]\neval:\n  items: 8\n")
     assert load_compare_config(f).eval_items(False) == 8
@@ -178,11 +180,12 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
     store_dir = tmp_path / "store"
     cfg = load_compare_config(overrides=[
         f"models=[{tiny_model_dir}, {tiny_qwen_dir}, {missing}, finetune:latest]",
-        "modes=[bf16, 4bit]", f"storage.url=file://{store_dir}",
+        "modes=[bf16, 4bit]", f"storage.url=file://{store_dir}", "threads=1",
         "eval.items=2", "eval.max_new_tokens=4", "eval.batch_size=2",
         "speed.new_tokens=3", "speed.runs=2", "speed.warmup=0", "speed.batch_sizes=[1, 2]",
         'prompts=["대한민국의 수도는?", "What is 2+2?"]', "answer_max_new_tokens=4",
     ])
+    threads_before = torch.get_num_threads()
     state = compare(cfg, return_state=True)
     assert state.is_completed(), state
     out = state.result()
@@ -214,6 +217,7 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
     answers = full[(tiny_model_dir.name, "4bit")]["answers"]
     assert [a["prompt"] for a in answers] == ["대한민국의 수도는?", "What is 2+2?"]
     assert results["memory_method"].startswith("CPU peak RSS delta")
+    assert full[(tiny_model_dir.name, "bf16")]["torch_threads"] == 1 and torch.get_num_threads() == threads_before
     with open(d / "results.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 6
     report = (d / "report.md").read_text()
