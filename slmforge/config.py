@@ -92,11 +92,11 @@ class LoraSettings(_Section):
 class TrainConfig(_Section):
     """Optimisation. CPU-sized by default; the README lists the tutorial's GPU recipe."""
 
-    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored if max_steps > 0).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training split (ignored if max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
     batch_size: int = Field(8, ge=1, description="Micro-batch per step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate (fp32 adapter: 1e-3 is stable).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0)
@@ -106,6 +106,9 @@ class TrainConfig(_Section):
     )
     packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
     logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(
+        50, ge=1, description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
+        "every N optimizer steps; a retried or re-run training resumes from the latest one.")
     seed: int = Field(42, description="Seed for adapter init and data order.")
 
 
@@ -214,14 +217,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+    """One line per problem, the field first; the first line also says where the settings came from."""
+    lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{field}: {msg}")
+    lines[0] += f" (invalid configuration: {origin})"
+    return "\n  ".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:

@@ -111,15 +111,49 @@ class _Progress:
         return Callback()
 
 
+CHECKPOINT_DONE = "slmforge_checkpoint.json"  # written after the trainer finished a checkpoint
+
+
+class _CheckpointDone:
+    """Marks a checkpoint complete once the trainer has written all of it (trainer_state.json
+    last), then hands it to `on_checkpoint` (the store upload)."""
+
+    def __new__(cls, output_dir: Path, micro_batch: int, grad_accum: int,
+                on_checkpoint: Callable[[Path, int], None] | None):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                ckpt = Path(output_dir) / f"checkpoint-{state.global_step}"
+                if not (ckpt / "trainer_state.json").is_file():
+                    return
+                (ckpt / CHECKPOINT_DONE).write_text(json.dumps(
+                    {"step": state.global_step, "max_steps": state.max_steps, "micro_batch": micro_batch,
+                     "grad_accum": grad_accum}))
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt, state.global_step)
+
+        return Callback()
+
+
 def resolve_checkpointing(cfg: TrainConfig) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return on_gpu()
     return bool(cfg.gradient_checkpointing)
 
 
+def checkpoint_step(path: Path | str) -> int | None:
+    name = Path(path).name
+    tail = name[len("checkpoint-"):] if name.startswith("checkpoint-") else ""
+    return int(tail) if tail.isdigit() else None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
+    """The newest checkpoint the trainer finished writing (one cut short by a kill is skipped)."""
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*")
+             if checkpoint_step(p) is not None and (p / CHECKPOINT_DONE).is_file()
+             and (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=checkpoint_step) if ckpts else None
 
 
 def train(
@@ -134,11 +168,16 @@ def train(
     micro_batch: int | None = None,
     grad_accum: int | None = None,
     save_steps: int | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
 ) -> tuple[object, TrainResult]:
     """Train a LoRA adapter on pre-tokenised records (`input_ids`, `labels`); returns (peft model, result).
 
-    Resumes from the newest complete checkpoint in output_dir, so a retried stage picks up where
-    the last attempt stopped instead of starting over.
+    Every `save_steps` (default `cfg.save_steps`) optimizer steps the trainer writes a checkpoint
+    (adapter, optimizer, scheduler, RNG states, step and log history) into output_dir and
+    `on_checkpoint(path, step)` is called with it. Resumes from the newest complete checkpoint in
+    output_dir, so a retried stage picks up where the last attempt stopped instead of starting
+    over; the trainer skips the batches already seen, so the data order and the loss curve
+    continue as if uninterrupted.
     """
     from datasets import Dataset
     from transformers import set_seed
@@ -177,7 +216,7 @@ def train(
         logging_steps=cfg.logging_steps,
         eval_strategy="epoch" if eval_ds is not None else "no",
         save_strategy="steps",
-        save_steps=save_steps or max(steps_per_epoch, 10),
+        save_steps=save_steps or getattr(cfg, "save_steps", None) or max(steps_per_epoch, 10),
         save_total_limit=2,
         report_to="none",
         seed=cfg.seed,
@@ -191,11 +230,12 @@ def train(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[_Progress(progress)] if progress else None,
+        callbacks=[_CheckpointDone(output_dir, micro_batch, grad_accum, on_checkpoint)]
+        + ([_Progress(progress)] if progress else []),
     )
     adapter_dtype = keep_adapter_fp32(trainer.model)
     resume = latest_checkpoint(output_dir)
-    resumed_step = int(resume.name.split("-")[1]) if resume else None
+    resumed_step = checkpoint_step(resume) if resume else None
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
@@ -207,10 +247,15 @@ def train(
         int(sum(len(r["input_ids"]) for r in train_records) / len(train_records) * trainer.state.global_step
             * micro_batch * grad_accum)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    train_loss = out.training_loss
+    logged = [h["loss"] for h in curve if "loss" in h]
+    if resumed_step and logged:
+        # the trainer averages only the steps of this session; the restored log history has them all
+        train_loss = sum(logged) / len(logged)
     result = TrainResult(
         steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch or 0.0, 3),
-        train_loss=round(out.training_loss, 5),
+        train_loss=round(train_loss, 5),
         loss_curve=curve,
         tokens=int(tokens),
         seconds=round(seconds, 2),

@@ -13,6 +13,9 @@ PERMANENT = ("ConfigError", "DataError", "ModelSourceError", "MergeError", "Valu
 
 
 def is_transient(exc: BaseException) -> bool:
+    flagged = getattr(exc, "retryable", None)  # e.g. TrainingMemoryError: out of memory at the floor
+    if flagged is not None:
+        return bool(flagged)
     name = type(exc).__name__
     if name in PERMANENT and "out of memory" not in str(exc):
         return False

