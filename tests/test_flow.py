@@ -33,7 +33,7 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
         key = out[name].split(str(tmp_path / "store") + "/", 1)[1]
         assert store.exists(key), f"{name} has no manifest"
     report = json.loads((store.get_dir(out["report"].split("store/", 1)[1]) / "report.json").read_text())
-    assert set(report["summary"]) == {"base", "fine-tuned"}
+    assert set(report["summary"]) == {"base", "adapter-on-4bit", "fine-tuned"}
     assert {"taught", "unseen"} <= set(report["summary"]["base"]["by_part"])
     assert report["merge_check"]["max_logit_diff"] < report["merge_check"]["tolerance"]
     assert "not published" in out["publish"]["reason"] or out["publish"]["published"]
