@@ -12,7 +12,7 @@ def _tiny_cfg(tiny_model_dir, store_dir, **extra):
     sets = [
         f"model.source={tiny_model_dir}",
         f"storage.url=file://{store_dir}",
-        "data.train_limit=16", "data.test_limit=6", "data.max_length=128",
+        "data.train_limit=16", "data.test_limit=6", "data.max_length=256",
         "train.max_steps=2", "train.batch_size=4", "train.logging_steps=1",
         "eval.max_new_tokens=4", "eval.batch_size=6", "eval.samples=3",
     ] + [f"{k}={v}" for k, v in extra.items()]
