@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from slmforge.config import (ConfigError, DataConfig, StorageConfig, _Section, apply_overrides,
+from slmforge.config import (ConfigError, DataConfig, StorageConfig, _Section, read_settings,
                              format_validation_error)
 
 MODES = ("bf16", "fp32", "8bit", "4bit", "4bit-nodq")
@@ -171,23 +171,7 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
 
     Same rules as `slmforge.config.load_config`; lists are YAML too: `--set modes=[bf16,4bit]`.
     """
-    data: dict = {}
-    origin = "defaults"
-    if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping (models, modes, eval, speed, ...)")
-        data = loaded or {}
-    if overrides:
-        origin += " + --set"
-        data = apply_overrides(data, overrides)
+    data, origin = read_settings(path, overrides)
     for key in ("models", "modes", "prompts"):  # `--set models=a` means a list of one
         value = data.get(key)
         if isinstance(value, str):

@@ -229,8 +229,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
-    """YAML file (optional) + `key=value` overrides -> validated config, or ConfigError naming the field."""
+def read_settings(path: str | Path | None, overrides: list[str] | None) -> tuple[dict, str]:
+    """YAML file (optional) + `key=value` overrides -> (raw settings, where they came from)."""
     data: dict = {}
     origin = "defaults"
     if path is not None:
@@ -243,11 +243,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections (data, model, train, ...)")
+            raise ConfigError(f"{p}: top level must be a mapping of settings")
         data = loaded or {}
     if overrides:
         origin += " + --set"
         data = apply_overrides(data, overrides)
+    return data, origin
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """YAML file (optional) + `key=value` overrides -> validated config, or ConfigError naming the field."""
+    data, origin = read_settings(path, overrides)
     try:
         return FinetuneConfig.model_validate(data)
     except ValidationError as e:
