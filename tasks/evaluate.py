@@ -15,6 +15,7 @@ from slmforge.config import EvalConfig, StorageConfig
 from slmforge.data import read_jsonl
 from slmforge.evaluation import evaluate_model
 from tasks.caching import STAGE_CACHE
+from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
 from tasks.storage import ArtifactStore, content_hash
 
@@ -122,7 +123,8 @@ def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, eval: EvalC
              run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config)
+    with gpu_slot():
+        record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config)
     create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics, base vs fine-tuned")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
     create_markdown_artifact(key="finetune-report", markdown=(

@@ -9,6 +9,7 @@ from slmforge.config import StorageConfig
 from slmforge.data import read_jsonl
 from slmforge.merging import merge
 from tasks.caching import STAGE_CACHE
+from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
 from tasks.storage import ArtifactStore, content_hash
 
@@ -32,4 +33,5 @@ def run_merge(adapter: dict, base: dict, dataset: dict, store: ArtifactStore, lo
 @task(name="merge_adapter", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json",
       **gpu_retry())
 def merge_adapter(adapter: dict, base: dict, dataset: dict, storage: StorageConfig) -> dict:
-    return run_merge(adapter, base, dataset, ArtifactStore.from_config(storage), get_run_logger().info)
+    with gpu_slot():
+        return run_merge(adapter, base, dataset, ArtifactStore.from_config(storage), get_run_logger().info)

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from slmforge import modeling as M
 from slmforge.config import ModelConfig, StorageConfig
 from tasks.caching import STAGE_CACHE
+from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
 from tasks.storage import ArtifactStore, content_hash
 
@@ -60,7 +61,8 @@ def load_base_model(model: ModelConfig, storage: StorageConfig) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
     base = materialise_base(model, store, logger.info)
-    quantized = quantize_base(model, base, store, logger.info)
+    with gpu_slot():
+        quantized = quantize_base(model, base, store, logger.info)
     logger.info("base %s (%s params), quantized footprint %.0f MB", model.source,
                 f"{base.get('n_params', 0) / 1e6:.0f}M", quantized["footprint_bytes"] / 1e6)
     return {"base": {k: base[k] for k in ("key", "uri", "source", "n_params", "architecture") if k in base},

@@ -1,0 +1,33 @@
+"""One GPU-heavy task at a time per GPU: the tasks that load, train, merge or evaluate a model
+hold a slot of a Prefect global concurrency limit while their body runs.
+
+The deployments' work pool sets `SLMFORGE_GPU_LIMIT` to the limit's name (`slmforge up` creates it
+with one slot). `strict=True`: if that limit is missing on the server, the task fails at once
+instead of running unguarded beside another model on the same GPU. Without the variable (a
+local `slmforge finetune`, the tests) there is nothing to share and no slot is taken. Cache hits
+never run the body, so they never wait for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+GPU_LIMIT_ENV = "SLMFORGE_GPU_LIMIT"
+LEASE_S = 60
+
+
+@contextmanager
+def gpu_slot():
+    name = os.environ.get(GPU_LIMIT_ENV, "").strip()
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    # A background thread renews the lease every ~45 s while the body runs. When the process dies
+    # (SIGKILL, machine lost) the server takes the slot back once the lease runs out, so the
+    # automatic re-run of a crashed run waits about a minute, not forever. A failed renewal only
+    # warns: losing the slot is better than killing hours of training over an API hiccup.
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):
+        yield
