@@ -169,6 +169,7 @@ def train(
     grad_accum: int | None = None,
     save_steps: int | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    max_length: int | None = None,
 ) -> tuple[object, TrainResult]:
     """Train a LoRA adapter on pre-tokenised records (`input_ids`, `labels`); returns (peft model, result).
 
@@ -178,6 +179,9 @@ def train(
     output_dir, so a retried stage picks up where the last attempt stopped instead of starting
     over; the trainer skips the batches already seen, so the data order and the loss curve
     continue as if uninterrupted.
+
+    With `cfg.packing`, examples are packed padding-free into rows of `max_length` tokens (default:
+    the longest record); position ids restart per example, so attention stays within each one.
     """
     from datasets import Dataset
     from transformers import set_seed
@@ -192,7 +196,11 @@ def train(
     cols = ["input_ids", "labels"]
     train_ds = Dataset.from_list([{c: r[c] for c in cols} for r in train_records])
     eval_ds = Dataset.from_list([{c: r[c] for c in cols} for r in eval_records]) if eval_records else None
-    steps_per_epoch = math.ceil(len(train_ds) / (micro_batch * grad_accum))
+    n_tokens = sum(len(r["input_ids"]) for r in train_records)
+    pack_length = (max_length or max(len(r["input_ids"]) for r in train_records)) if cfg.packing else None
+    # records per optimizer step: packed rows hold several records each
+    per_step = micro_batch * grad_accum * (pack_length * len(train_records) / n_tokens if pack_length else 1)
+    steps_per_epoch = math.ceil(len(train_ds) / per_step)
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
@@ -211,7 +219,7 @@ def train(
         use_cpu=not on_gpu(),
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        max_length=None,  # the prepare stage already applied data.max_length
+        max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         logging_steps=cfg.logging_steps,
         eval_strategy="epoch" if eval_ds is not None else "no",
@@ -240,12 +248,12 @@ def train(
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     curve = [
-        {k: h[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm") if k in h}
+        {k: h[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens") if k in h}
         for h in trainer.state.log_history if "loss" in h or "eval_loss" in h
     ]
-    tokens = sum(len(r["input_ids"]) for r in train_records) * cfg.epochs if cfg.max_steps <= 0 else \
-        int(sum(len(r["input_ids"]) for r in train_records) / len(train_records) * trainer.state.global_step
-            * micro_batch * grad_accum)
+    seen = [h["num_tokens"] for h in curve if "num_tokens" in h]  # trl counts the real (non-pad) tokens
+    tokens = seen[-1] if seen else (n_tokens * cfg.epochs if cfg.max_steps <= 0 else
+                                    n_tokens / len(train_records) * trainer.state.global_step * per_step)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     train_loss = out.training_loss
     logged = [h["loss"] for h in curve if "loss" in h]

@@ -101,6 +101,7 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
         "fingerprint": fp,
         "train_fingerprint": D.fingerprint(records, tokenizer.chat_template, only=("train", "validation")),
         "source": data.source,
+        "max_length": data.max_length,
         "stats": D.split_stats(records),
         "validation": report.to_dict(),
         "validation_report": report_uri,

@@ -21,6 +21,7 @@ from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfi
 from slmforge.data import read_jsonl
 from slmforge.report import loss_chart
 from tasks.caching import STAGE_CACHE
+from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
 from tasks.storage import MANIFEST, ArtifactStore, StoreError, content_hash
 
@@ -165,7 +166,8 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
                 f"micro-batch {micro})")
         peft_model, result = T.train(model, tokenizer, train_recs, val_recs or None, lora, cfg, work,
                                      progress=progress, micro_batch=micro, grad_accum=accum,
-                                     save_steps=cfg.save_steps, on_checkpoint=upload)
+                                     save_steps=cfg.save_steps, on_checkpoint=upload,
+                                     max_length=dataset.get("max_length"))
         staging = store.staging_dir(key)
         T.save_adapter(peft_model, tokenizer, staging, result)
         loss_chart(result.loss_curve, staging / "loss_curve.png")
@@ -233,8 +235,9 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
             update_progress_artifact(artifact_id=artifact, progress=pct)
 
     try:
-        record = run_training(dataset, base, model, lora, train, store, progress,
-                              halvings=halvings, log=logger.info, attempt=attempt)
+        with gpu_slot():
+            record = run_training(dataset, base, model, lora, train, store, progress,
+                                  halvings=halvings, log=logger.info, attempt=attempt)
     except Exception as exc:
         oom = is_oom(exc)
         # the traceback's frames hold the model, the optimizer and the batch: drop them so the
