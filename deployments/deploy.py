@@ -15,6 +15,7 @@ What it creates:
 - the global concurrency limit `gpu` (1 slot per GPU) that the GPU-heavy tasks take;
 - the saved RemoteFileSystem result-storage block for the store (the flow saves the same block);
 - the deployments, whose only parameter is the typed config the UI draws as a form;
+- an automation that re-runs a crashed run once (it resumes from its last checkpoint);
 - optionally, an automation that posts failed/crashed nightly runs to a webhook block.
 """
 
@@ -27,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tasks.gpu import GPU_LIMIT_ENV
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 POOL = "gpu"
@@ -38,8 +41,8 @@ SECRET_KEY_ID = "slmforge-aws-access-key-id"
 SECRET_KEY = "slmforge-aws-secret-access-key"
 WEBHOOK_BLOCK = "slmforge-failures"
 AUTOMATION = "slmforge: nightly finetune failed or crashed"
-# the env variable that tells the GPU-heavy tasks which global concurrency limit to hold (strictly)
-GPU_LIMIT_ENV = "SLMFORGE_GPU_LIMIT"
+RERUN_AUTOMATION = "slmforge: re-run a crashed run once"
+RERUN_STATE = "Resuming"
 
 NOTIFY_BODY = (
     "slmforge: flow run {{ flow_run.name }} of {{ flow.name }}/{{ deployment.name }} "
@@ -153,6 +156,42 @@ def ensure_automation(client, deployment_id, webhook_url: str | None, log=print)
     return str(created)
 
 
+def ensure_crash_rerun(client, deployment_ids: list[str], log=print) -> str:
+    """Re-run a crashed run of our deployments once, in place.
+
+    A run whose process was killed (SIGKILL, OOM killer, machine lost) ends `Crashed`, which task
+    `retries` cannot catch. This automation moves such a run back to `Scheduled` (named
+    `Resuming`), so the worker starts the same flow run again with the same parameters: finished
+    stages are cache hits and training resumes from its last checkpoint in the store. Only a
+    crash on the first run (`prefect.run-count` 1) matches, so a run that crashes again stays
+    `Crashed` (and the failure automation reports it) instead of looping.
+    """
+    from prefect.automations import AutomationCore
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    for old in client.read_automations_by_name(RERUN_AUTOMATION):
+        client.delete_automation(old.id)
+    automation = AutomationCore(
+        name=RERUN_AUTOMATION,
+        description="Moves a crashed finetune/compare run back to Scheduled once; training resumes from "
+                    "its last checkpoint.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": "1"},
+            match_related={"prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive, threshold=1, within=0),
+        actions=[ChangeFlowRunState(
+            state=StateType.SCHEDULED, name=RERUN_STATE,
+            message="slmforge: re-run once after a crash; finished stages are cached, training resumes")],
+    )
+    created = client.create_automation(automation)
+    log("crashed runs: re-run once automatically (training resumes from its last checkpoint)")
+    return str(created)
+
+
 def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * * *", timezone: str = "UTC",
                storage_url: str = "s3://slmforge/store", endpoint_url: str | None = None,
                region: str | None = None, cuda_visible_devices: str | None = "0",
@@ -231,6 +270,7 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         else:
             log("compare/on-demand: flows/compare.py has no `compare` flow yet; not deployed")
 
+        out["rerun_automation"] = ensure_crash_rerun(client, list(out["deployments"].values()), log=log)
         out["automation"] = ensure_automation(client, nightly_id, webhook_url, log=log)
     return out
 

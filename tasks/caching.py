@@ -16,7 +16,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from slmforge.config import StorageConfig
-from slmforge.data import BUNDLED
+from slmforge.data import BUNDLED, QUICK_SUFFIX
 
 STAGE_CACHE = INPUTS + TASK_SOURCE
 
@@ -29,7 +29,8 @@ class DataFiles(CachePolicy):
         data = inputs.get("data")
         source = getattr(data, "source", "")
         if source.startswith("bundled:"):
-            files = sorted(BUNDLED.get(source.split(":", 1)[1], Path("/nonexistent")).glob("*.jsonl"))
+            name = source.split(":", 1)[1].removesuffix(QUICK_SUFFIX)
+            files = sorted(BUNDLED.get(name, Path("/nonexistent")).glob("*.jsonl"))
         elif "://" not in source or source.startswith("file://"):
             files = [Path(source.removeprefix("file://"))]
         else:

@@ -35,12 +35,30 @@ def _all(splits):
 # -- the bundled set ---------------------------------------------------------------------------
 
 def test_bundled_dataset_has_splits_and_parts():
-    splits, report = D.load_examples(DataConfig(test_limit=None))
+    splits, report = D.load_examples(DataConfig(source="bundled:korean-qa", test_limit=None))
     assert len(splits["train"]) >= 200 and len(splits["test"]) >= 60
     assert {ex.part for ex in splits["test"]} == {"taught", "unseen"}
     assert all(ex.key for s in splits.values() for ex in s)
     assert report.bad_rows == 0
     assert report.rows == sum(len(v) for v in splits.values())
+
+
+def test_quick_bundled_set_trains_only_the_taught_facts():
+    """The quick default: both train wordings of every fact the test asks again, nothing else;
+    validation and test are the full set's."""
+    full, _ = D.load_examples(DataConfig(source="bundled:korean-qa", test_limit=None))
+    quick, _ = D.load_examples(DataConfig(source="bundled:korean-qa-quick", test_limit=None))
+
+    def fact(ex):
+        return ex.id.rsplit("-", 1)[0]
+
+    taught = {fact(ex) for ex in full["test"] if ex.part == "taught"}
+    assert {fact(ex) for ex in quick["train"]} == taught
+    assert len(quick["train"]) == 2 * len(taught) == len([ex for ex in full["train"] if fact(ex) in taught])
+    assert [ex.id for ex in quick["test"]] == [ex.id for ex in full["test"]]
+    assert [ex.id for ex in quick["validation"]] == [ex.id for ex in full["validation"]]
+    with pytest.raises(D.DataError, match="korean-qa-quick"):
+        D.load_examples(DataConfig(source="bundled:nope"))
 
 
 def test_test_limit_keeps_parts_balanced():

@@ -1,6 +1,7 @@
 """The local service stack end to end: `slmforge up` from nothing → the worker runs finetune/nightly
 (triggered through the API, as the UI's Run button does) → artifacts and task results in the
-SeaweedFS bucket → the second run is served from the cache → a failed run reaches the webhook →
+SeaweedFS bucket → the second run is served from the cache → a killed run is re-run once and
+resumes from its checkpoint → a failed run reaches the webhook →
 `slmforge down` leaves no process behind and keeps the data.
 
 Real processes on 127.0.0.1 with ports of their own, a state dir under the test's tmp dir and a
@@ -340,6 +341,38 @@ def test_second_trigger_is_served_from_the_cache(stack, tiny_model_dir):
     assert r.returncode == 0 and run_id, f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}\n{stack.logs()}"
     states = stack.task_states(run_id.group(1))
     assert all(states[s] == "Cached" for s in STAGES), states
+
+
+@e2e
+def test_crashed_run_is_rerun_once_and_resumes_from_its_checkpoint(stack, tiny_model_dir):
+    """SIGKILL of the flow-run process after the first checkpoint: the worker marks the run Crashed,
+    the automation schedules the same run again, and the re-run resumes training from the store."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    cfg = stack.cfg(tiny_model_dir, prefix="e2e-crash", train={"max_steps": 4, "save_steps": 2})
+    with stack.api() as client:
+        env = dict(client.read_work_pool("gpu").base_job_template["variables"]["properties"]["env"]["default"])
+    env["SLMFORGE_INJECT_FAULT"] = "kill-after-checkpoint"  # kills a fresh run only, never the resumed one
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        run = run_deployment("finetune/nightly", parameters={"cfg": cfg}, job_variables={"env": env}, timeout=0)
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT
+    with stack.api() as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run.id)
+            if run.state.type == StateType.COMPLETED or (run.state.is_final() and run.run_count > 1):
+                break
+            time.sleep(2)
+        history = [s.name for s in client.read_flow_run_states(run.id)]
+    assert run.state.is_completed(), f"{run.state} {history}\n{stack.logs()}"
+    assert "Crashed" in history and "Resuming" in history, history
+    assert run.run_count == 2, run.run_count
+    fs = stack.s3()
+    metrics = [f for f in fs.find(f"{stack.bucket}/e2e-crash/adapters") if f.endswith("train_metrics.json")]
+    assert metrics, "no adapter in the bucket"
+    train = json.loads(fs.cat(metrics[0]))
+    assert train["steps"] == 4 and train["resumed_from_step"] == 2, train
 
 
 @e2e
