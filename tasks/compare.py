@@ -26,7 +26,6 @@ from slmforge.config import ModelConfig
 from slmforge.report import markdown_table
 from tasks.dataset import validate_data
 from tasks.model import materialise_base
-from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry, is_transient
 from tasks.storage import MANIFEST, ArtifactStore, content_hash
 
@@ -257,9 +256,8 @@ def resolve_model(spec: str, cfg: CompareConfig) -> dict:
 @task(name="benchmark", cache_policy=NO_CACHE, **gpu_retry())
 def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig) -> dict:
     logger = get_run_logger()
-    with gpu_slot():
-        return measure(entry, mode, examples, cfg, ArtifactStore.from_config(cfg.storage),
-                       lambda m: logger.info("%s %s", entry["name"], m))
+    return measure(entry, mode, examples, cfg, ArtifactStore.from_config(cfg.storage),
+                   lambda m: logger.info("%s %s", entry["name"], m))
 
 
 @task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
