@@ -347,7 +347,9 @@ def run_pipeline(spec: dict, meter: Meter, torch) -> dict:
         micro, accum = effective_split(s["micro_batch"] * s["grad_accum"], defaults.batch_size)
         cfg = TrainConfig(max_steps=s["total_steps"], batch_size=micro, grad_accum=accum)
     t1 = time.perf_counter()
-    _, result = train(model, tok, records, None, lora, cfg, Path(spec["output_dir"]), progress=meter.progress)
+    # max_length: the pack length, as the finetune stage passes data.max_length (a packs to it too)
+    _, result = train(model, tok, records, None, lora, cfg, Path(spec["output_dir"]), progress=meter.progress,
+                      max_length=s["max_length"])
     return {
         "load_s": load_s,
         "train_call_s": time.perf_counter() - t1,
