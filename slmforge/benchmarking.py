@@ -321,6 +321,27 @@ def preload_code(model_dir: str | Path, quantized: bool) -> None:
         pass
 
 
+def estimated_footprint(config, load_mode: str, double_quant: bool) -> int | None:
+    """What `slmforge.memory` predicts `get_memory_footprint()` to be, from the architecture alone.
+
+    Shown beside the measured footprint, so every comparison checks the estimator the selection
+    guide relies on. Unquantized modules (embeddings, norms, lm_head) of an 8/4-bit model stay in
+    the load dtype of `modeling.load_model`: bf16 on GPU, float32 on CPU.
+    """
+    from slmforge.memory import ModelShape, weight_bytes
+    from slmforge.modeling import on_gpu
+
+    precision = {"bf16": "bf16", "fp32": "fp32", "8bit": "int8", "4bit": "nf4"}.get(load_mode)
+    try:
+        shape = ModelShape.from_config(config)
+    except (TypeError, ValueError):  # an architecture the estimator does not know: no estimate
+        return None
+    if precision is None:
+        return None
+    return int(weight_bytes(shape, precision, double_quant=double_quant,
+                            other_dtype="bf16" if on_gpu() else "fp32", include_quant_state=False))
+
+
 # -- one model in one mode ---------------------------------------------------------------------
 
 def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], data_cfg, prompts: Sequence[str],
@@ -356,6 +377,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             row["load_s"] = time.perf_counter() - t0
             row["peak_load_bytes"] = mem.mark("load")
             row["footprint_bytes"] = int(model.get_memory_footprint())
+            row["estimated_bytes"] = estimated_footprint(model.config, load_mode, double_quant)
             row["n_params"] = count_parameters(model)
             row["attn_implementation"] = attention_implementation(model)
             row["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -437,7 +459,7 @@ def _with_spread(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 CSV_FIELDS = ["model", "mode", "status", "error", "source", "n_params", "dtype", "device", "attn_implementation",
-              "load_s", "footprint_mb", "peak_load_mb", "peak_gen_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
+              "load_s", "footprint_mb", "estimated_mb", "peak_load_mb", "peak_gen_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
               "decode_tps_b1", "decode_tps_b1_spread", "decode_tps_bN", "decode_tps_bN_spread", "batch_N",
               "key_accuracy", "exact_match", "char_f1", "chrf", "answer_loss", "stopped_with_eos", "eval_n"]
 
@@ -473,6 +495,7 @@ def flat_row(row: dict) -> dict:
         "n_params": row.get("n_params"), "dtype": row.get("dtype"), "device": row.get("device"),
         "attn_implementation": row.get("attn_implementation"), "load_s": r(row.get("load_s"), 2),
         "footprint_mb": r((row.get("footprint_bytes") or 0) / MB, 1) if row.get("footprint_bytes") else None,
+        "estimated_mb": r(row["estimated_bytes"] / MB, 1) if row.get("estimated_bytes") else None,
         "peak_load_mb": r(row["peak_load_bytes"] / MB, 1) if row.get("peak_load_bytes") is not None else None,
         "peak_gen_mb": r(row["peak_gen_bytes"] / MB, 1) if row.get("peak_gen_bytes") is not None else None,
         "peak_mb": r(row["peak_bytes"] / MB, 1) if row.get("peak_bytes") is not None else None,
@@ -503,6 +526,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
             "model": row.get("model", "?"), "mode": row.get("mode", "?"),
             "load s": _num(row.get("load_s")),
             "footprint MB": _mb(row.get("footprint_bytes")),
+            "est. MB": _mb(row.get("estimated_bytes")),
             "peak MB": _mb(row.get("peak_gen_bytes")),
             "TTFT ms": _with_spread(b1.get("ttft_s"), 1000, 0),
             "tok/s b1": _with_spread(b1.get("decode_tokens_per_s")),

@@ -340,16 +340,21 @@ def weed_binary() -> str:
     return found
 
 
+def weed_command(settings: StackSettings, data: Path) -> list[str]:
+    """`weed mini` on the stack's host, ports and bucket, data in `data` (the fault tests start it too)."""
+    cmd = [weed_binary(), "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", "-master.telemetry=false",
+           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-bucket={settings.bucket}"]
+    return cmd + [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
+                  for name, port in settings.weed_ports().items() if name != "admin.grpc"]
+
+
 def start_seaweedfs(settings: StackSettings) -> tuple[Proc, Callable[[], None]]:
     ports = settings.weed_ports()
     _check_ports_free("SeaweedFS", list(ports.values()))
     data = settings.state_dir / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
-    cmd = [weed_binary(), "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", "-master.telemetry=false",
-           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           f"-bucket={settings.bucket}"]
-    cmd += [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
-            for name, port in ports.items() if name != "admin.grpc"]
+    cmd = weed_command(settings, data)
     # weed mini sets up its S3 identity from these
     env = {**_base_env(), **credentials(settings)}
     proc = _launch(settings, "seaweedfs", cmd, env, list(ports.values()))

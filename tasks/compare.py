@@ -209,7 +209,8 @@ def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, set
         "## How it was measured",
         "\n".join([
             "- **load s**: loading the local safetensors checkpoint in that precision, plus its tokenizer.",
-            "- **footprint MB**: `model.get_memory_footprint()` (10^6 bytes).",
+            "- **footprint MB**: `model.get_memory_footprint()` (10^6 bytes); **est. MB**: what "
+            "`slmforge.memory` (the selection guide's estimator) predicts for it from the architecture alone.",
             f"- **peak MB**: {method or 'n/a'}; through loading and the speed runs (the CSV also has the "
             "peak of loading alone, `peak_load_mb`, and of the whole measurement including the evaluation's "
             "full-vocabulary loss pass, `peak_mb`).",

@@ -197,6 +197,8 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
             r = rows[(model, mode)]
             assert r["status"] == "ok", r
             assert r["footprint_mb"] > 0 and r["load_s"] > 0
+            # the selection guide's estimator, from the config alone, within 10% of what loaded
+            assert abs(r["estimated_mb"] - r["footprint_mb"]) <= 0.10 * r["footprint_mb"], r
             assert r["peak_mb"] >= r["peak_gen_mb"] >= r["peak_load_mb"] >= 0
             assert r["decode_tps_b1"] > 0 and r["decode_tps_bN"] > 0 and r["batch_N"] == 2
             assert r["ttft_ms"] > 0 and r["ttft_ms_spread"] is not None

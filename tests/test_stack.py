@@ -14,9 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -26,30 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_block  # tests/ports.py
 from slmforge.stack import SERVICES, StackSettings, alive, port_open, process_tree, running_processes
 
 e2e = pytest.mark.e2e
 
 STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
 RUN_TIMEOUT = 420
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_block(n: int, lo: int = 20000, hi: int = 40000, also: tuple[int, ...] = ()) -> int:
-    """A base port with base … base+n-1 (and base+each of `also`) free."""
-    for _ in range(200):
-        base = random.randrange(lo, hi - n)
-        if all(_free(base + i) for i in (*range(n), *also)):
-            return base
-    raise RuntimeError("no free port block")
 
 
 class Webhook:
@@ -83,10 +64,10 @@ class Stack:
     def __init__(self, root: Path, webhook: Webhook):
         self.state_dir = root / "stack"
         self.webhook = webhook
-        self.port = _free_block(1)
-        self.s3_port = _free_block(9, also=(10008,))  # SeaweedFS: see StackSettings.weed_ports
+        self.port = free_block(1)
+        self.s3_port = free_block(9, also=(10008,))  # SeaweedFS: see StackSettings.weed_ports
         while self.port in StackSettings(s3_port=self.s3_port).weed_ports().values():
-            self.s3_port = _free_block(9, also=(10008,))
+            self.s3_port = free_block(9, also=(10008,))
         self.bucket = "slmforge"
         self.completed_run_id: str | None = None
         self.cli_seconds: dict[str, float] = {}
