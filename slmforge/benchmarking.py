@@ -332,11 +332,11 @@ def estimated_footprint(config, load_mode: str, double_quant: bool) -> int | Non
     from slmforge.modeling import on_gpu
 
     precision = {"bf16": "bf16", "fp32": "fp32", "8bit": "int8", "4bit": "nf4"}.get(load_mode)
+    if precision is None:
+        return None
     try:
         shape = ModelShape.from_config(config)
-    except (TypeError, ValueError):  # an architecture the estimator does not know: no estimate
-        return None
-    if precision is None:
+    except (TypeError, ValueError):  # a config without the sizes the estimator reads: no estimate
         return None
     return int(weight_bytes(shape, precision, double_quant=double_quant,
                             other_dtype="bf16" if on_gpu() else "fp32", include_quant_state=False))
