@@ -66,6 +66,8 @@ def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
 def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig) -> str:
     """Derived from everything that changes the adapter; how often it checkpoints does not."""
     settings = cfg.model_dump(exclude={"save_steps"})
+    if cfg.packing:  # packed rows are data.max_length tokens long, even where no record was cut
+        settings["pack_length"] = dataset.get("max_length")
     return f"adapters/{content_hash([dataset['train_fingerprint'], base['quantized']['key'], lora.model_dump(), settings])}"
 
 

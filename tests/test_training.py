@@ -55,6 +55,16 @@ def test_oom_retry_keeps_the_effective_batch():
     assert micro_batch_after_ooms(cfg, 10) == (1, 16)
 
 
+def test_adapter_key_follows_the_pack_length_only_when_packing():
+    from tasks.train import adapter_key
+
+    base = {"quantized": {"key": "models/quantized/x"}}
+    short, long = ({"train_fingerprint": "f", "max_length": n} for n in (256, 1024))
+    lora, packed, unpacked = LoraSettings(), TrainConfig(packing=True), TrainConfig()
+    assert adapter_key(short, base, lora, packed) != adapter_key(long, base, lora, packed)
+    assert adapter_key(short, base, lora, unpacked) == adapter_key(long, base, lora, unpacked)
+
+
 def test_latest_checkpoint_skips_one_cut_short(tmp_path):
     """A checkpoint counts once the trainer finished it (our marker is written on the trainer's
     on_save, after trainer_state.json); a directory a kill left half-written is skipped."""
