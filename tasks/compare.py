@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -25,6 +24,7 @@ from slmforge.compare_config import FINETUNE_LATEST, CompareConfig
 from slmforge.config import ModelConfig
 from slmforge.report import markdown_table
 from tasks.dataset import validate_data
+from tasks.gpu import gpu_slot
 from tasks.model import materialise_base
 from tasks.retry import gpu_retry, is_transient
 from tasks.storage import MANIFEST, ArtifactStore, content_hash
@@ -119,27 +119,11 @@ def model_dir(entry: dict, store: ArtifactStore) -> Path:
 
 # -- one measurement ---------------------------------------------------------------------------
 
-@contextmanager
-def gpu_slot(name: str | None):
-    """Hold one slot of the Prefect global concurrency limit `name` while measuring.
-
-    strict=False: where the limit does not exist (a local run, the test API) Prefect logs a
-    warning and goes on without it; on a shared server create it once with
-    `prefect gcl create gpu --limit 1`. Within one flow the measurements run one after another anyway.
-    """
-    if not name:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(name, occupy=1, strict=False):
-        yield
-
-
 def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print) -> dict:
     gpu = M.on_gpu()
     directory = model_dir(entry, store)
-    with gpu_slot(cfg.concurrency_limit), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
+    # strict=False: a limit that does not exist (a local run) is skipped with a warning
+    with gpu_slot(cfg.concurrency_limit or "", strict=False), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,

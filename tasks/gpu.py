@@ -18,8 +18,13 @@ LEASE_S = 60
 
 
 @contextmanager
-def gpu_slot():
-    name = os.environ.get(GPU_LIMIT_ENV, "").strip()
+def gpu_slot(name: str | None = None, strict: bool = True):
+    """Hold one slot of the limit `name` (default: `$SLMFORGE_GPU_LIMIT`; empty = no limit).
+
+    The compare flow names its limit in its config and passes strict=False: there a missing
+    limit only logs Prefect's warning, since a comparison run by hand should not need a server.
+    """
+    name = (os.environ.get(GPU_LIMIT_ENV, "") if name is None else name).strip()
     if not name:
         yield
         return
@@ -29,5 +34,5 @@ def gpu_slot():
     # (SIGKILL, machine lost) the server takes the slot back once the lease runs out, so the
     # automatic re-run of a crashed run waits about a minute, not forever. A failed renewal only
     # warns: losing the slot is better than killing hours of training over an API hiccup.
-    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):
+    with concurrency(name, occupy=1, strict=strict, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):
         yield
