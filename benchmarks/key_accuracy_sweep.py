@@ -1,59 +1,99 @@
-"""How fast does QLoRA teach the facts? Trains the bundled model with given settings and prints key
-accuracy on the test's taught items after every epoch (greedy, adapter on the 4-bit base).
-Used to choose the default CPU run; figures in the README's "Choosing the defaults".
+"""How fast does QLoRA teach the facts? Trains the bundled model with the given settings and prints
+key accuracy on the test's taught items after every epoch (greedy, adapter on the 4-bit base).
+Used to choose the default CPU run; its figures are in the README's "Choosing the defaults".
 
-    .venv/bin/python benchmarks/key_accuracy_sweep.py \
-        '{"cfg":{"data":{"source":"bundled:korean-qa-quick"},"train":{"epochs":4,"learning_rate":2e-3,"batch_size":4}},"n_eval":40}'
+    .venv/bin/python benchmarks/key_accuracy_sweep.py --work /tmp/sweep \\
+        '{"cfg": {"data": {"source": "bundled:korean-qa-quick"},
+                  "train": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 4}},
+          "n_eval": 40}'
 
-`select: "two"` keeps only the train rows of facts that have two wordings in the full set.
-Store and checkpoints go to /tmp/exp.
+Settings (JSON): `cfg` (any finetune settings), `n_eval` taught items (40), `n_eval_unseen` unseen
+items (0), `n_train_eval` train items (0), `mnt` new tokens per answer (40), `eval_every_epochs` (1),
+`select: "two"` (train only on facts with two wordings in the train split). The store (dataset,
+base and quantized model, reused between runs) and the trainer's output go under --work.
 """
-import json, sys, time, os, collections
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch
-from slmforge.config import FinetuneConfig
-from slmforge import modeling as M, training as T
-from slmforge.evaluation import evaluate_model
-from tasks.dataset import prepare
-from tasks.model import materialise_base, quantize_base
-from tasks.storage import ArtifactStore
-from slmforge.data import read_jsonl
 
-sets = json.loads(sys.argv[1])
-cfg = FinetuneConfig.model_validate({"storage": {"url": "/tmp/exp/store"}, **sets.get("cfg", {})})
-store = ArtifactStore.from_config(cfg.storage)
-ds = prepare(cfg.data, cfg.model, store)
-base = materialise_base(cfg.model, store); q = quantize_base(cfg.model, base, store)
-d = store.get_dir(ds["key"])
-train = read_jsonl(d / "train.jsonl"); test = read_jsonl(d / "test.jsonl"); val = read_jsonl(d/"validation.jsonl")
-sel = sets.get("select")
-if sel == "two":
-    c = collections.Counter(r["id"].rsplit("-", 1)[0] for r in train)
-    train = [r for r in train if c[r["id"].rsplit("-", 1)[0]] >= 2]
-print("train rows", len(train), "test", len(test), flush=True)
-taught = [r for r in test if r["part"] == "taught"][: sets.get("n_eval", 40)]
-unseen = [r for r in test if r["part"] != "taught"][: sets.get("n_eval_unseen", 0)]
-trq = train[: sets.get("n_train_eval", 0)]
-model = M.load_model(store.get_dir(q["key"]), "saved", compute_dtype=M.resolve_compute_dtype("auto"))
-tok = M.load_tokenizer(store.get_dir(q["key"]))
-spe = -(-len(train) // cfg.train.batch_size)
-t0 = time.time()
-def ev(step):
-    was = model.training; model.eval()
-    out = {}
-    for name, recs in (("taught", taught), ("unseen", unseen), ("trainq", trq)):
-        if not recs: continue
-        r = evaluate_model(model, tok, recs, sets.get("mnt", 40), 16)
-        out[name] = round(r["summary"]["overall"]["key_accuracy"], 3)
-        if name == "taught":
-            for it in r["items"][:6]: print("   ", it["question"], "->", it["answer"][:80], "| key", it["key"], flush=True)
-    print(f"EVAL step {step} t={time.time()-t0:.0f}s", out, flush=True)
-    if was: model.train()
-def progress(step, total, logs):
-    if logs and "loss" in logs: print(f"step {step}/{total} loss {logs['loss']:.3f} t={time.time()-t0:.0f}s", flush=True)
-    if step % (spe * sets.get("eval_every_epochs", 1)) == 0 and not logs: ev(step)
-import shutil; shutil.rmtree("/tmp/exp/out", ignore_errors=True)
-peft, res = T.train(model, tok, train, None, cfg.lora, cfg.train, Path("/tmp/exp/out"), progress=progress, save_steps=10**6)
-print("seconds", res.seconds, "steps", res.steps)
+from slmforge import modeling as M  # noqa: E402
+from slmforge import training as T  # noqa: E402
+from slmforge.config import FinetuneConfig  # noqa: E402
+from slmforge.data import read_jsonl  # noqa: E402
+from slmforge.evaluation import evaluate_model  # noqa: E402
+from tasks.dataset import prepare  # noqa: E402
+from tasks.model import materialise_base, quantize_base  # noqa: E402
+from tasks.storage import ArtifactStore  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("settings", nargs="?", default="{}", help="JSON settings (see the module docstring)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "slmforge-sweep",
+                    help="store and trainer output (default: %(default)s)")
+    args = ap.parse_args()
+    sets = json.loads(args.settings)
+
+    cfg = FinetuneConfig.model_validate({**sets.get("cfg", {}), "storage": {"url": str(args.work / "store")}})
+    store = ArtifactStore.from_config(cfg.storage)
+    dataset = prepare(cfg.data, cfg.model, store)
+    quantized = quantize_base(cfg.model, materialise_base(cfg.model, store), store)
+    data_dir = store.get_dir(dataset["key"])
+    train, test = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "test.jsonl")
+    if sets.get("select") == "two":
+        wordings = collections.Counter(r["id"].rsplit("-", 1)[0] for r in train)
+        train = [r for r in train if wordings[r["id"].rsplit("-", 1)[0]] >= 2]
+    print("train rows", len(train), "test", len(test), flush=True)
+    eval_sets = {
+        "taught": [r for r in test if r["part"] == "taught"][: sets.get("n_eval", 40)],
+        "unseen": [r for r in test if r["part"] != "taught"][: sets.get("n_eval_unseen", 0)],
+        "trainq": train[: sets.get("n_train_eval", 0)],
+    }
+
+    model_dir = store.get_dir(quantized["key"])
+    model = M.load_model(model_dir, "saved", compute_dtype=M.resolve_compute_dtype("auto"))
+    tokenizer = M.load_tokenizer(model_dir)
+    steps_per_epoch = -(-len(train) // cfg.train.batch_size)
+    t0 = time.time()
+
+    def evaluate(step: int) -> None:
+        was_training = model.training
+        model.eval()
+        scores = {}
+        for name, records in eval_sets.items():
+            if not records:
+                continue
+            result = evaluate_model(model, tokenizer, records, sets.get("mnt", 40), 16)
+            scores[name] = round(result["summary"]["overall"]["key_accuracy"], 3)
+            if name == "taught":
+                for item in result["items"][:6]:
+                    print("   ", item["question"], "->", item["answer"][:80], "| key", item["key"], flush=True)
+        print(f"EVAL step {step} t={time.time() - t0:.0f}s", scores, flush=True)
+        if was_training:
+            model.train()
+
+    def progress(step: int, total: int, logs: dict | None) -> None:
+        if logs and "loss" in logs:
+            print(f"step {step}/{total} loss {logs['loss']:.3f} t={time.time() - t0:.0f}s", flush=True)
+        if not logs and step % (steps_per_epoch * sets.get("eval_every_epochs", 1)) == 0:
+            evaluate(step)
+
+    out = args.work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last one
+    _, result = T.train(model, tokenizer, train, None, cfg.lora, cfg.train, out, progress=progress,
+                        save_steps=10**6)
+    print("seconds", result.seconds, "steps", result.steps)
+
+
+if __name__ == "__main__":
+    main()
