@@ -18,6 +18,7 @@ from slmforge.compare_config import CompareConfig
 from slmforge.modeling import on_gpu
 from tasks.compare import (benchmark, compare_key, compare_report, error_row, prepare_eval_set,
                            resolve_model)
+from tasks.gpu import limit_exists
 from tasks.storage import ArtifactStore
 
 
@@ -37,6 +38,10 @@ def compare(cfg: CompareConfig = CompareConfig()) -> dict:
     load_at_start = load_average()
     ArtifactStore.from_config(cfg.storage).check_writable()
     examples = prepare_eval_set(cfg)
+    limit = cfg.concurrency_limit if cfg.concurrency_limit and limit_exists(cfg.concurrency_limit) else None
+    if cfg.concurrency_limit and not limit:
+        logger.info("no concurrency limit %r on this Prefect server (`slmforge up` creates it): this run measures "
+                    "its models one after another but does not wait for other runs' GPU work", cfg.concurrency_limit)
 
     entries, rows = [], []
     for spec in cfg.models:
@@ -58,7 +63,7 @@ def compare(cfg: CompareConfig = CompareConfig()) -> dict:
             continue
         for mode in cfg.modes:
             run = benchmark.with_options(task_run_name=f"benchmark-{entry['name']}-{mode}"[:100])
-            state = run(entry, mode, examples, cfg, return_state=True)
+            state = run(entry, mode, examples, cfg, limit, return_state=True)
             if state.is_completed():
                 rows.append(state.result())
             else:

@@ -552,12 +552,37 @@ def csv_text(rows: list[dict]) -> str:
 
 def quality_memory_chart(rows: list[dict], path: Path, metric: str = "key_accuracy",
                          memory: str = "footprint_bytes") -> Path:
-    """Quality (y) vs memory (x), point size = decode tokens/s at batch 1, one label per point."""
+    """Quality (y) vs memory (x), point size = decode tokens/s at batch 1, one label per point.
+
+    Two panels when `metric` is not char F1: key accuracy on a few items is often the same for
+    every model (0% on a CPU's 8 items), and char F1 beside it still shows which model answers better.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [metric] + ([] if metric == "char_f1" else ["char_f1"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.4), dpi=110, squeeze=False)
+    models = sorted({str(r.get("model")) for r in rows})
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(models)}
+    drawn: set[str] = set()
+    for ax, m in zip(axes[0], metrics):
+        drawn |= _quality_panel(ax, rows, m, memory, colors)
+    if drawn:
+        from matplotlib.lines import Line2D
+
+        axes[0][0].legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors[n], label=n)
+                                   for n in models if n in drawn], fontsize=7, loc="upper left")
+    fig.suptitle("quality vs memory (point size = decode tokens/s, batch 1)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _quality_panel(ax, rows: list[dict], metric: str, memory: str, colors: dict) -> set[str]:
+    """One scatter of `metric` against `memory`; returns the models it drew."""
     points = []
     for row in rows:
         q = (row.get("quality") or {}).get(metric)
@@ -565,44 +590,33 @@ def quality_memory_chart(rows: list[dict], path: Path, metric: str = "key_accura
         if q is None or m is None:
             continue
         tps = (_speed_of(row, "b1").get("decode_tokens_per_s") or {}).get("median") or 0.0
-        points.append((m / MB, q, tps, f"{row.get('model')}\n{row.get('mode')}"))
-    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
-    if points:
-        top = max(p[2] for p in points) or 1.0
-        models = sorted({p[3].split("\n")[0] for p in points})
-        colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(models)}
-        from matplotlib.lines import Line2D
-
-        xs = [p[0] for p in points]
-        pad = max(1.0, (max(xs) - min(xs)) * 0.15)
-        lo, hi = max(0.0, min(xs) - pad), max(xs) + pad * 2
-        ax.set_xlim(lo, hi)
-        placed: list[tuple[float, float, int]] = []
-        for x, y, tps, label in sorted(points, key=lambda p: (p[1], p[0])):
-            name, mode = label.split("\n")
-            ax.scatter([x], [y], s=40 + 460 * (tps / top), alpha=0.55, color=colors[name],
-                       edgecolors="black", linewidths=0.5)
-            # a label goes on the lowest line no nearby label uses; the model is the colour (legend)
-            used = {lvl for px, py, lvl in placed if abs(px - x) < 0.22 * (hi - lo) and abs(py - y) < 0.06}
-            k = next(i for i in range(len(placed) + 1) if i not in used)
-            placed.append((x, y, k))
-            ax.annotate(f"{mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
-                        xytext=(10, 4 + 10 * k), fontsize=7, color=colors[name])
-        ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors[n], label=n) for n in models],
-                  fontsize=7, loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no model produced both a quality and a memory figure", ha="center",
-                transform=ax.transAxes)
+        points.append((m / MB, q, tps, str(row.get("model")), str(row.get("mode"))))
     label = metric.replace("_", " ")
-    ax.set_ylim(-0.05, 1.05) if metric != "answer_loss" else None
     ax.set_xlabel("memory footprint (MB)" if memory == "footprint_bytes" else "measured peak (MB)")
     ax.set_ylabel(label)
-    ax.set_title(f"{label} vs memory (point size = decode tokens/s, batch 1)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    if not points:
+        ax.text(0.5, 0.5, f"no model produced both {label} and a memory figure", ha="center",
+                transform=ax.transAxes)
+        return set()
+    if metric != "answer_loss":
+        ax.set_ylim(-0.05, 1.05)
+    top = max(p[2] for p in points) or 1.0
+    xs = [p[0] for p in points]
+    pad = max(1.0, (max(xs) - min(xs)) * 0.15)
+    lo, hi = max(0.0, min(xs) - pad), max(xs) + pad * 2
+    ax.set_xlim(lo, hi)
+    placed: list[tuple[float, float, int]] = []
+    for x, y, tps, name, mode in sorted(points, key=lambda p: (p[1], p[0])):
+        # hollow markers, so a point on top of another (same size and score) still shows both rings
+        ax.scatter([x], [y], s=40 + 460 * (tps / top), facecolors="none", edgecolors=colors[name], linewidths=1.6)
+        # a label goes on the lowest line no nearby label uses; the model is the colour (legend)
+        used = {lvl for px, py, lvl in placed if abs(px - x) < 0.22 * (hi - lo) and abs(py - y) < 0.06}
+        k = next(i for i in range(len(placed) + 1) if i not in used)
+        placed.append((x, y, k))
+        ax.annotate(f"{mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
+                    xytext=(10, 4 + 10 * k), fontsize=7, color=colors[name])
+    return {p[3] for p in points}
 
 
 def prompt_answer_tables(rows: list[dict], prompts: Sequence[str]) -> list[tuple[str, list[dict]]]:

@@ -101,7 +101,7 @@ class CompareConfig(_Section):
         "key_accuracy", description="Quality axis of the chart.")
     concurrency_limit: str | None = Field(
         "gpu", description="Prefect global concurrency limit held while a model is measured (one at a time "
-                           "across runs); a limit that does not exist is skipped with a warning. Empty = none.")
+                           "across runs); a limit that does not exist is skipped (one log line). Empty = none.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("models")

@@ -119,11 +119,12 @@ def model_dir(entry: dict, store: ArtifactStore) -> Path:
 
 # -- one measurement ---------------------------------------------------------------------------
 
-def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print) -> dict:
+def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print,
+            limit: str | None = None) -> dict:
+    """`limit`: the concurrency limit to hold, already checked to exist by the flow (None = none)."""
     gpu = M.on_gpu()
     directory = model_dir(entry, store)
-    # strict=False: a limit that does not exist (a local run) is skipped with a warning
-    with gpu_slot(cfg.concurrency_limit or "", strict=False), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
+    with gpu_slot(limit or "", strict=False), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
@@ -239,10 +240,10 @@ def resolve_model(spec: str, cfg: CompareConfig) -> dict:
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, **gpu_retry())
-def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig) -> dict:
+def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, limit: str | None = None) -> dict:
     logger = get_run_logger()
     return measure(entry, mode, examples, cfg, ArtifactStore.from_config(cfg.storage),
-                   lambda m: logger.info("%s %s", entry["name"], m))
+                   lambda m: logger.info("%s %s", entry["name"], m), limit)
 
 
 @task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

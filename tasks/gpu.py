@@ -21,8 +21,8 @@ LEASE_S = 60
 def gpu_slot(name: str | None = None, strict: bool = True):
     """Hold one slot of the limit `name` (default: `$SLMFORGE_GPU_LIMIT`; empty = no limit).
 
-    The compare flow names its limit in its config and passes strict=False: there a missing
-    limit only logs Prefect's warning, since a comparison run by hand should not need a server.
+    The compare flow names its limit in its config, checks once that it exists (`limit_exists`)
+    and passes strict=False: a comparison run by hand should not need a server set up for it.
     """
     name = (os.environ.get(GPU_LIMIT_ENV, "") if name is None else name).strip()
     if not name:
@@ -36,3 +36,20 @@ def gpu_slot(name: str | None = None, strict: bool = True):
     # warns: losing the slot is better than killing hours of training over an API hiccup.
     with concurrency(name, occupy=1, strict=strict, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False):
         yield
+
+
+def limit_exists(name: str) -> bool:
+    """Whether the Prefect server (of the current run) has the global concurrency limit `name`.
+
+    The compare flow asks once, so a run without the limit logs one line instead of Prefect's
+    warning in every task.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True

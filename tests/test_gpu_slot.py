@@ -63,3 +63,11 @@ def test_missing_limit_fails_instead_of_running_unguarded(prefect_api, monkeypat
         with gpu_slot():
             ran.append(True)
     assert not ran
+
+
+def test_limit_exists_asks_the_server(prefect_api):
+    from tasks.gpu import limit_exists
+
+    _create_limit("gpu-exists-test", 1)
+    assert limit_exists("gpu-exists-test")
+    assert not limit_exists("gpu-missing-test")
