@@ -207,12 +207,13 @@ def cmd_compare(args) -> int:
 def cmd_recommend(args) -> int:
     from slmforge.selection import format_recommendations, recommend
 
+    left_out: list[str] = []
     try:
         cands = recommend(args.memory_gb, args.use_case, finetune=args.finetune, korean=args.korean,
-                          context=args.context)
+                          context=args.context, left_out=left_out)
     except ValueError as e:
         return _fail(str(e))
-    print(format_recommendations(cands, memory_gb=args.memory_gb, use_case=args.use_case))
+    print(format_recommendations(cands, memory_gb=args.memory_gb, use_case=args.use_case, left_out=left_out))
     return 0 if cands else 1
 
 

@@ -321,6 +321,7 @@ def recommend(
     top_k: int | None = None,
     qlora: Mapping[str, Any] | None = None,
     catalog: Iterable[Mapping[str, Any]] | None = None,
+    left_out: list[str] | None = None,
 ) -> list[Candidate]:
     """Walk the §9 flowchart for a memory budget and return the catalog models that fit.
 
@@ -341,6 +342,8 @@ def recommend(
 
     Models whose ``max_context`` is below ``context`` are left out. Sorted by rank, then larger
     models first (a bigger model at 4 bit usually beats a smaller one at 16 bit), then precision.
+    ``left_out``, if given, receives one line per flowchart model (rank 0) that memory ruled out,
+    with the estimate that did not fit, so a user sees why the obvious choice is missing.
     """
     uc = normalize_use_case(use_case)
     cat = list(catalog) if catalog is not None else load_catalog()
@@ -366,15 +369,21 @@ def recommend(
             if inf["total"] / GB + overhead_gb <= memory_gb:
                 chosen = (prec, inf)
                 break
+        rank = _rank(entry, uc, small_branch)
         if chosen is None:
+            if left_out is not None and rank == 0:
+                need = inference_bytes(shape, order[-1], context)["total"] / GB + overhead_gb
+                left_out.append(f"{entry['id']}: inference needs ≈ {need:.2f} GB even in {order[-1]}")
             continue
         training_gb = None
         if finetune:
             training_gb = qlora_training_bytes(shape, **{**QLORA_RECIPE, **(qlora or {})})["total"] / GB + overhead_gb
             if training_gb > memory_gb:
+                if left_out is not None and rank == 0:
+                    left_out.append(f"{entry['id']}: QLoRA training needs ≈ {training_gb:.2f} GB "
+                                    f"(inference alone would fit in {chosen[0]})")
                 continue
         prec, inf = chosen
-        rank = _rank(entry, uc, small_branch)
         found.append(
             Candidate(
                 model_id=entry["id"],
@@ -448,13 +457,16 @@ def format_recommendations(
     use_case: str | None = None,
     *,
     show_why: bool = True,
+    left_out: list[str] | None = None,
 ) -> str:
-    """Plain-text table of :func:`recommend`'s candidates for a CLI, reasons listed below."""
+    """Plain-text table of :func:`recommend`'s candidates for a CLI, reasons listed below, then
+    the flowchart's models that did not fit (``left_out`` from :func:`recommend`)."""
     title = "Recommended models"
     if memory_gb is not None or use_case:
         title += " for " + ", ".join(x for x in (use_case, f"{memory_gb:g} GB" if memory_gb is not None else None) if x)
+    missing = ("\n\nLeft out for memory:\n" + "\n".join(f"- {line}" for line in left_out)) if left_out else ""
     if not candidates:
-        return title + ": none of the catalog models fits; try 4-bit, a shorter context or more memory."
+        return title + ": none of the catalog models fits; try 4-bit, a shorter context or more memory." + missing
     train = any(c.training_gb is not None for c in candidates)
     header = ["#", "model", "params", "precision", "infer GB"] + (["QLoRA GB"] if train else []) + ["licence"]
     rows = [
@@ -465,7 +477,7 @@ def format_recommendations(
     text = title + "\n" + _table(header, rows)
     if show_why:
         text += "\n\n" + "\n".join(f"{i}. {c.why}" for i, c in enumerate(candidates, 1))
-    return text
+    return text + missing
 
 
 __all__ = [

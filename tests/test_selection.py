@@ -163,3 +163,16 @@ def test_format_recommendations():
     text = format_recommendations(cands, 8, "coding")
     assert "Qwen/Qwen2.5-Coder-1.5B-Instruct" in text and "QLoRA GB" in text and "1." in text
     assert "none" in format_recommendations(recommend(0.2, "general"), 0.2, "general")
+
+
+def test_flowchart_models_that_do_not_fit_are_named_with_their_estimate():
+    left_out: list[str] = []
+    cands = recommend(8, "coding", finetune=True, left_out=left_out)
+    assert [line.split(":")[0] for line in left_out] == ["Qwen/Qwen2.5-Coder-7B-Instruct"]
+    assert "QLoRA" in left_out[0] and "GB" in left_out[0]
+    assert "Left out for memory:\n- Qwen/Qwen2.5-Coder-7B-Instruct" in format_recommendations(
+        cands, 8, "coding", left_out=left_out)
+    tiny: list[str] = []
+    recommend(0.2, "general", left_out=tiny)
+    assert tiny and all("even in nf4" in line for line in tiny)
+    assert recommend(80, "coding", left_out=(none := [])) and none == []
