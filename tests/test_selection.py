@@ -175,4 +175,5 @@ def test_flowchart_models_that_do_not_fit_are_named_with_their_estimate():
     tiny: list[str] = []
     recommend(0.2, "general", left_out=tiny)
     assert tiny and all("even in nf4" in line for line in tiny)
-    assert recommend(80, "coding", left_out=(none := [])) and none == []
+    roomy: list[str] = []
+    assert recommend(80, "coding", left_out=roomy) and roomy == []
