@@ -381,7 +381,7 @@ class Weed:
         import s3fs
 
         log = open(self.root / "weed.log", "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, env=os.environ.copy())
+        self.proc = proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, env=os.environ.copy())
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
         deadline = time.monotonic() + timeout
         while True:
@@ -389,7 +389,7 @@ class Weed:
                 fs.ls(self.bucket, refresh=True)
                 return
             except Exception:  # noqa: BLE001 - not up yet
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"weed mini did not start: {(self.root / 'weed.log').read_text()[-2000:]}")
                 time.sleep(0.2)
 
@@ -448,7 +448,8 @@ def _interrupt_after_first_file(monkeypatch, store: ArtifactStore, weed: Weed, r
         if seen["n"] == 2:
             weed.stop()
             if restart_after is not None:
-                threading.Timer(restart_after, weed.start).start()
+                seen["restart"] = threading.Timer(restart_after, weed.start)
+                seen["restart"].start()
         try:
             return real(path, target)
         except Exception:
@@ -466,6 +467,7 @@ def test_store_down_for_seconds_during_an_upload_is_ridden_out(weed, tiny_model_
     seen = _interrupt_after_first_file(monkeypatch, store, weed, restart_after=1.0)
     model = ModelConfig(source=str(tiny_model_dir))
     record = materialise_base(model, store, log=_quiet)
+    seen["restart"].join(60)  # its start() may still be polling; the next test must not race it
     assert seen["errors"] >= 1, "the upload met the outage and was retried"
     assert weed.proc is not None, "the server was stopped and started again during the upload"
     assert store.exists(record["key"])
