@@ -98,7 +98,7 @@ class CompareConfig(_Section):
         "auto", description="CPU threads for torch while measuring; `auto` = torch's default (all cores). "
                             "On a machine other work also uses, fewer threads can be faster.")
     quality_metric: Literal["key_accuracy", "char_f1", "chrf", "exact_match"] = Field(
-        "key_accuracy", description="Quality axis of the chart.")
+        "key_accuracy", description="Quality axis of the chart's first panel; char F1 is drawn beside it.")
     concurrency_limit: str | None = Field(
         "gpu", description="Prefect global concurrency limit held while a model is measured (one at a time "
                            "across runs); a limit that does not exist is skipped (one log line). Empty = none.")

@@ -345,6 +345,10 @@ def recommend(
     ``left_out``, if given, receives one line per flowchart model (rank 0) that memory ruled out,
     with the estimate that did not fit, so a user sees why the obvious choice is missing.
     """
+    if not memory_gb > 0:
+        raise ValueError(f"memory_gb (--memory-gb): must be a positive number of GB, got {memory_gb}")
+    if context < 1:
+        raise ValueError(f"context (--context): must be at least 1 token, got {context}")
     uc = normalize_use_case(use_case)
     cat = list(catalog) if catalog is not None else load_catalog()
     small_branch = memory_gb < SMALL_MEMORY_GB

@@ -177,3 +177,10 @@ def test_flowchart_models_that_do_not_fit_are_named_with_their_estimate():
     assert tiny and all("even in nf4" in line for line in tiny)
     roomy: list[str] = []
     assert recommend(80, "coding", left_out=roomy) and roomy == []
+
+
+@pytest.mark.parametrize("kw, field", [({"memory_gb": -1}, "memory_gb"), ({"memory_gb": 0}, "memory_gb"),
+                                       ({"memory_gb": 8, "context": 0}, "context")])
+def test_recommend_rejects_impossible_settings_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        recommend(**kw)
