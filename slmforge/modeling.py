@@ -310,8 +310,12 @@ def device_map() -> str | dict:
 
 
 def load_model(model_dir: Path, mode: str = "bf16", compute_dtype: torch.dtype | None = None,
-               quant_type: str = "nf4", double_quant: bool = True, attn: str = "sdpa", dtype: torch.dtype | None = None):
-    """Load a materialised (or pre-quantized) checkpoint. mode: bf16 | fp32 | 8bit | 4bit | saved."""
+               quant_type: str = "nf4", double_quant: bool = True, attn: str = "sdpa", dtype: torch.dtype | None = None,
+               cpu_fast_path: bool = False):
+    """Load a materialised (or pre-quantized) checkpoint. mode: bf16 | fp32 | 8bit | 4bit | saved.
+
+    `cpu_fast_path` lets bitsandbytes repack 4-bit weights for its AVX512-bf16 inference kernel
+    (see `keep_4bit_unpacked`); off by default, so every stage computes the same function as training."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"device_map": device_map(), "attn_implementation": attn}
@@ -328,6 +332,8 @@ def load_model(model_dir: Path, mode: str = "bf16", compute_dtype: torch.dtype |
         raise ModelSourceError(f"cannot load {model_dir} ({mode}): {type(e).__name__}: {e}") from None
     if mode == "saved" and compute_dtype is not None:
         set_compute_dtype(model, compute_dtype)
+    if not cpu_fast_path:
+        keep_4bit_unpacked(model)
     model.eval()
     return model
 
@@ -337,6 +343,41 @@ def set_compute_dtype(model, dtype: torch.dtype) -> None:
     for module in model.modules():
         if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
             module.compute_dtype = dtype
+
+
+def keep_4bit_unpacked(model) -> int:
+    """Keep every bitsandbytes 4-bit layer on its trainable, unpacked path; returns how many were
+    unpacked.
+
+    bitsandbytes 0.50 (`Linear4bit.forward`) repacks a layer's weight, in place and for good, into a
+    CPU layout for its AVX512-bf16 kernel at the first eval-mode forward whose input needs no grad,
+    on CPUs that have AVX512-bf16. Every later forward, in training too, then runs
+    `bitsandbytes::gemv_4bit`, which has no autograd kernel: no gradient flows through the frozen
+    base any more and QLoRA silently stops learning (trl evaluates at epoch ends, which triggers it).
+    The packed path also computes with bf16 block scales, a slightly different function from the one
+    training used. So: switch the repacking off per layer, and undo one that already happened with
+    bitsandbytes' own inverse (its scales come back through bf16: a best-effort restore).
+    On CPUs without AVX512-bf16, and on GPUs, nothing is ever packed and this changes nothing.
+    """
+    unpacked = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit (and subclasses)
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            unpacked += 1
+    return unpacked
+
+
+def is_4bit_packed(model) -> bool:
+    """Whether any 4-bit layer runs bitsandbytes' packed CPU path (or may switch to it)."""
+    return any(getattr(m, "support_avx512bf16_for_cpu", False)
+               or getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+               for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
 
 
 def free_memory() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slmforge.config import LoraSettings, TrainConfig
-from slmforge.modeling import on_gpu
+from slmforge.modeling import keep_4bit_unpacked, on_gpu
 
 
 @dataclass
@@ -191,6 +192,9 @@ def train(
     gc = resolve_checkpointing(cfg)
     micro_batch = micro_batch or cfg.batch_size
     grad_accum = grad_accum or cfg.grad_accum
+    if keep_4bit_unpacked(model):  # the trainer's own evaluations must not repack it either
+        warnings.warn("the 4-bit base had been packed for bitsandbytes' CPU inference kernel (no gradients "
+                      "there); unpacked it for training", stacklevel=2)
     model = attach_adapter(model, lora, gc)
 
     cols = ["input_ids", "labels"]

@@ -103,3 +103,56 @@ def test_packing_trains_padding_free_rows_of_max_length(tiny_model_dir, tmp_path
     assert result.steps == 20 and after < 0.7 * before, (before, after)
     # two rows of 128 tokens hold ~8 of these ~30-token examples, not 2
     assert result.tokens > 20 * 2 * 64, result.tokens
+
+
+def _pack_for_cpu(layer) -> None:
+    """What bitsandbytes 0.50 does by itself at an eval-mode forward on an AVX512-bf16 CPU (the
+    conversion is plain torch, so this runs on any CPU)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                  layer.weight.quant_state)
+
+
+def test_training_unpacks_the_4bit_base_and_keeps_it_unpacked(tiny_model_dir, tmp_path):
+    """On an AVX512-bf16 CPU bitsandbytes repacks a 4-bit layer for an inference kernel with no
+    autograd, and QLoRA stops learning. Here that CPU is simulated on any CPU: the fast path forced on
+    in every layer and one layer already packed. train() must unpack it and keep it unpacked through
+    the trainer's own epoch-end evaluations."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    tok = M.load_tokenizer(tiny_model_dir)
+    recs = _records(tok)
+    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32, cpu_fast_path=True)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers
+    first = layers[0]
+    before = dequantize_4bit(first.weight.data, first.weight.quant_state).clone()
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    _pack_for_cpu(first)
+    assert M.is_4bit_packed(model)
+    cfg = TrainConfig(max_steps=4, batch_size=8, learning_rate=3e-3, warmup_steps=0)  # 2 epochs: one eval between
+    peft_model, result = T.train(model, tok, recs, recs[:4], LoraSettings(dropout=0.0), cfg, tmp_path / "out")
+    assert result.steps == 4 and any("eval_loss" in h for h in result.loss_curve)
+    assert not M.is_4bit_packed(peft_model)
+    assert all(not layer.support_avx512bf16_for_cpu for layer in layers)
+    # bitsandbytes' inverse restores the weights up to its bf16 block scales
+    after = dequantize_4bit(first.weight.data, first.weight.quant_state)
+    assert torch.allclose(after, before, rtol=1e-2, atol=1e-3)
+    # and a gradient reaches the layer's input after an eval-mode forward, as in training after an evaluation
+    first.eval()
+    with torch.no_grad():
+        first(torch.randn(2, first.in_features))
+    first.train()
+    x = torch.randn(2, first.in_features, requires_grad=True)
+    first(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_loaded_4bit_models_do_not_take_the_packed_path(tiny_model_dir):
+    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32)
+    assert not M.is_4bit_packed(model)
+    with torch.no_grad():  # an evaluation: eval mode, no grad
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert not M.is_4bit_packed(model)
