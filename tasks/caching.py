@@ -1,9 +1,10 @@
 """Cache policy and result storage shared by the stages.
 
-`INPUTS + TASK_SOURCE` (no run id) makes an unchanged stage a cache hit on the next night, and a
-retried flow resume at the stage that failed. Results (the small JSON records) live in the same
-store as the artifacts, so wiping the store also forgets the cache, and a worker on another
-machine that shares an S3 store shares the cache too.
+`INPUTS + TASK_SOURCE + CodeVersion()` (no run id) makes an unchanged stage a cache hit on the
+next night, and a retried flow resume at the stage that failed; a change to the core code or the
+ML libraries is a new run (TASK_SOURCE alone hashes only the decorated function). Results (the
+small JSON records) live in the same store as the artifacts, so wiping the store also forgets the
+cache, and a worker on another machine that shares an S3 store shares the cache too.
 """
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
+from slmforge import fingerprint as code_version
 from slmforge.config import StorageConfig
 from slmforge.data import BUNDLED, QUICK_SUFFIX
 
-STAGE_CACHE = INPUTS + TASK_SOURCE
+
+@dataclass
+class CodeVersion(CachePolicy):
+    """Adds the fingerprint of the project's code and the ML libraries' versions to the key, the
+    same one the stages put in their store keys: a fix in the core is not served old results."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
+        return code_version.fingerprint()
+
+
+STAGE_CACHE = INPUTS + TASK_SOURCE + CodeVersion()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from slmforge import data as D
+from slmforge import fingerprint as code_version
 from slmforge.config import DataConfig, ModelConfig, StorageConfig
 from slmforge.modeling import load_tokenizer, resolve_source
 from tasks.caching import STAGE_CACHE, DataFiles
@@ -94,7 +95,7 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
             f"{report.truncated} truncated")
     report_uri = _write_report(data, report, store, log)
     fp = D.fingerprint(records, tokenizer.chat_template)
-    key = f"datasets/{fp}"
+    key = f"datasets/{content_hash([fp, code_version.fingerprint()])}"
     record = {
         "key": key,
         "uri": store.uri(key),

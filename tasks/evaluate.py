@@ -9,6 +9,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import report as R
 from slmforge.config import EvalConfig, StorageConfig
@@ -50,7 +51,7 @@ def _adapter_on_quantized(base: dict, adapter: dict, store: ArtifactStore):
 
 def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: EvalConfig, store: ArtifactStore,
                    log=print, run_config: dict | None = None) -> dict:
-    key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump()])}"
+    key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump(), code_version.fingerprint()])}"
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
     test = read_jsonl(store.get_dir(dataset["key"]) / "test.jsonl")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge.config import StorageConfig
 from slmforge.data import read_jsonl
@@ -15,7 +16,7 @@ from tasks.storage import ArtifactStore, content_hash
 
 
 def run_merge(adapter: dict, base: dict, dataset: dict, store: ArtifactStore, log=print) -> dict:
-    key = f"merged/{content_hash([adapter['key'], base['base']['key']])}"
+    key = f"merged/{content_hash([adapter['key'], base['base']['key'], code_version.fingerprint()])}"
     if not store.exists(key):
         check = read_jsonl(store.get_dir(dataset["key"]) / "test.jsonl")[:4]
         staging = store.staging_dir(key)

@@ -7,6 +7,7 @@ import time
 
 from prefect import get_run_logger, task
 
+from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge.config import ModelConfig, StorageConfig
 from tasks.caching import STAGE_CACHE
@@ -16,7 +17,7 @@ from tasks.storage import ArtifactStore, content_hash
 
 
 def base_key(model: ModelConfig) -> str:
-    return f"models/base/{content_hash([model.source, model.revision])}"
+    return f"models/base/{content_hash([model.source, model.revision, code_version.fingerprint()])}"
 
 
 def materialise_base(model: ModelConfig, store: ArtifactStore, log=print) -> dict:
@@ -34,7 +35,7 @@ def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=prin
     compute = M.resolve_compute_dtype(model.compute_dtype)
     settings = {"base": base["key"], "4bit": model.load_in_4bit, "quant_type": model.quant_type,
                 "double_quant": model.double_quant, "compute": str(compute), "gpu": M.on_gpu()}
-    key = f"models/quantized/{content_hash(settings)}"
+    key = f"models/quantized/{content_hash([settings, code_version.fingerprint()])}"
     if not store.exists(key):
         base_dir = store.get_dir(base["key"])
         t0 = time.perf_counter()

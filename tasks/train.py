@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import task_run as current_task_run
 
+from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import training as T
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
@@ -64,11 +65,14 @@ def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
 
 
 def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig) -> str:
-    """Derived from everything that changes the adapter; how often it checkpoints does not."""
+    """Derived from everything that changes the adapter (the code and libraries too); how often it
+    checkpoints does not."""
     settings = cfg.model_dump(exclude={"save_steps"})
     if cfg.packing:  # packed rows are data.max_length tokens long, even where no record was cut
         settings["pack_length"] = dataset.get("max_length")
-    return f"adapters/{content_hash([dataset['train_fingerprint'], base['quantized']['key'], lora.model_dump(), settings])}"
+    parts = [dataset["train_fingerprint"], base["quantized"]["key"], lora.model_dump(), settings,
+             code_version.fingerprint()]
+    return f"adapters/{content_hash(parts)}"
 
 
 def checkpoint_prefix(key: str) -> str:

@@ -19,10 +19,13 @@ def _tiny_cfg(tiny_model_dir, store_dir, **extra):
     return load_config(overrides=sets)
 
 
-def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, tmp_path):
+def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, tmp_path, monkeypatch):
+    """A re-run is all cache hits; once the code changes (an edited core function) it is none, and
+    every stage writes under a new store key instead of serving the old code's artifacts."""
     from prefect.client.orchestration import get_client
 
     from flows.finetune import finetune
+    from slmforge import fingerprint
 
     cfg = _tiny_cfg(tiny_model_dir, tmp_path / "store")
     state = finetune(cfg, return_state=True)
@@ -52,6 +55,18 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     states = asyncio.run(task_states(second.state_details.flow_run_id))
     stages = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
     assert all(states[s] == "Cached" for s in stages), states
+    assert second.result() == out
+
+    # what an edit to, say, slmforge/training.py does: the process hashes a different source tree
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda roots=fingerprint.SOURCES: "edited core")
+    third = finetune(cfg, return_state=True)
+    assert third.is_completed(), third
+    states = asyncio.run(task_states(third.state_details.flow_run_id))
+    assert not any(states[s] == "Cached" for s in stages), states
+    rerun = third.result()
+    for name in ("dataset", "base", "quantized", "adapter", "merged", "report"):
+        assert rerun[name] != out[name], name
+        assert store.exists(rerun[name].split(str(tmp_path / "store") + "/", 1)[1]), f"{name} has no manifest"
 
 
 def test_bad_data_fails_before_any_model_loads(prefect_api, tiny_model_dir, tmp_path):
