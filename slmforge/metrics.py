@@ -3,7 +3,8 @@
 Key accuracy (does the answer contain the item's key fact, or an accepted variant?) is the primary
 metric: it scores facts, not wording. Character-level F1 and chrF are reported beside it because
 word-level metrics mislead in Korean (particles attach to words), but they flatter a model that
-merely echoes the question, which is why they are not the gate's default.
+merely echoes the question, which is why they are not the gate's default. chrF is sacrebleu's;
+char F1 (no library has it) is ours.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+
+from sacrebleu.metrics import CHRF
 
 _PUNCT = re.compile(r"[\s\.,!?;:'\"“”‘’()\[\]{}<>~`·…\-–—/\\]+")
 
@@ -64,24 +67,21 @@ def char_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def chrf(prediction: str, reference: str, n: int = 6, beta: float = 2.0) -> float:
-    """chrF (Popović 2015): character n-gram F-beta averaged over n = 1..6, whitespace removed."""
-    hyp, ref = re.sub(r"\s+", "", prediction or ""), re.sub(r"\s+", "", reference or "")
-    precisions, recalls = [], []
-    for k in range(1, n + 1):
-        h = Counter(hyp[i:i + k] for i in range(len(hyp) - k + 1))
-        r = Counter(ref[i:i + k] for i in range(len(ref) - k + 1))
-        if not h or not r:
-            continue
-        overlap = sum((h & r).values())
-        precisions.append(overlap / sum(h.values()))
-        recalls.append(overlap / sum(r.values()))
-    if not precisions:
-        return 0.0
-    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-    if p == 0 and r == 0:
-        return 0.0
-    return (1 + beta**2) * p * r / (beta**2 * p + r)
+# sacrebleu's chrF (Popović 2015): character n-grams 1..6, beta 2, whitespace ignored
+_CHRF = CHRF()
+
+
+def chrf(prediction: str, reference: str) -> float:
+    """Sentence-level chrF in [0, 1], for one answer (samples, per-item scores)."""
+    return _CHRF.sentence_score(prediction or "", [reference or ""]).score / 100
+
+
+def corpus_chrf(predictions: list[str], references: list[str]) -> float | None:
+    """Corpus-level chrF in [0, 1]: n-gram statistics summed over all answers, then one F-score (the
+    standard way to report chrF; an average of sentence scores overweights short answers)."""
+    if not predictions:
+        return None
+    return _CHRF.corpus_score([p or "" for p in predictions], [[r or "" for r in references]]).score / 100
 
 
 def score_answer(prediction: str, reference: str, keys: list[str] | None) -> dict:

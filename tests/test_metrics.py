@@ -39,3 +39,13 @@ def test_chrf_bounds():
     assert m.chrf("서울입니다", "서울입니다") == pytest.approx(1.0)
     assert m.chrf("abc", "xyz") == 0.0
     assert 0 < m.chrf("서울이에요", "서울입니다") < 1
+
+
+def test_corpus_chrf_pools_statistics_instead_of_averaging_sentences():
+    """One long right answer and one short wrong one: the corpus score weighs the long one by its
+    n-grams, the mean of sentence scores weighs both alike."""
+    hyps, refs = ["대한민국의 수도는 서울특별시입니다", "아니요"], ["대한민국의 수도는 서울특별시입니다", "네"]
+    corpus = m.corpus_chrf(hyps, refs)
+    mean = sum(m.chrf(h, r) for h, r in zip(hyps, refs)) / 2
+    assert corpus > 0.8 and mean == pytest.approx(0.5) and corpus > mean
+    assert m.corpus_chrf([], []) is None
