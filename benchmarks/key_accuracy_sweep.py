@@ -61,7 +61,7 @@ def main() -> None:
     }
 
     model_dir = store.get_dir(quantized["key"])
-    model = M.load_model(model_dir, "saved", compute_dtype=M.resolve_compute_dtype("auto"))
+    model = M.load_model(model_dir, "saved")
     tokenizer = M.load_tokenizer(model_dir)
     steps_per_epoch = -(-len(train) // cfg.train.batch_size)
     t0 = time.time()

@@ -320,14 +320,14 @@ def run_a(spec: dict, meter: Meter, torch) -> dict:
 def run_pipeline(spec: dict, meter: Meter, torch) -> dict:
     """b and c: the pipeline's training core on the pipeline's pre-tokenised records."""
     from slmforge.config import LoraSettings, TrainConfig
-    from slmforge.modeling import load_model, load_tokenizer, resolve_attn, resolve_compute_dtype
-    from slmforge.training import resolve_checkpointing, train
+    from slmforge.modeling import load_model, load_tokenizer
+    from slmforge.runtime import decide
+    from slmforge.training import train
 
     s = spec["settings"]
     tok = load_tokenizer(spec["model_dir"])
     t0 = time.perf_counter()
-    model = load_model(Path(spec["model_dir"]), "4bit", compute_dtype=resolve_compute_dtype("auto"),
-                       attn=resolve_attn("auto"))
+    model = load_model(Path(spec["model_dir"]), "4bit", decide())
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -348,8 +348,9 @@ def run_pipeline(spec: dict, meter: Meter, torch) -> dict:
         cfg = TrainConfig(max_steps=s["total_steps"], batch_size=micro, grad_accum=accum)
     t1 = time.perf_counter()
     # max_length: the pack length, as the finetune stage passes data.max_length (a packs to it too)
+    rt = decide(gradient_checkpointing=cfg.gradient_checkpointing)
     _, result = train(model, tok, records, None, lora, cfg, Path(spec["output_dir"]), progress=meter.progress,
-                      max_length=s["max_length"])
+                      max_length=s["max_length"], rt=rt)
     return {
         "load_s": load_s,
         "train_call_s": time.perf_counter() - t1,
@@ -358,8 +359,8 @@ def run_pipeline(spec: dict, meter: Meter, torch) -> dict:
         "train_rows": len(records),
         "train_result": {k: v for k, v in result.to_dict().items() if k != "loss_curve"},
         "config": {"train": cfg.model_dump(), "lora": lora.model_dump(),
-                   "gradient_checkpointing_resolved": resolve_checkpointing(cfg),
-                   "optim": "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+                   "gradient_checkpointing_resolved": rt.gradient_checkpointing,
+                   "optim": rt.optim,
                    "attn_implementation": getattr(model.config, "_attn_implementation", None),
                    "max_length": s["max_length"],
                    "loss_on": "answer tokens only (slmforge.data labels)"},

@@ -33,8 +33,8 @@ def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     dataset = stage(prepare_dataset)(cfg.data, cfg.model, cfg.storage)
     base = stage(load_base_model)(cfg.model, cfg.storage)
     adapter = stage(train_qlora)(dataset, base, cfg.model, cfg.lora, cfg.train, cfg.storage)
-    merged = stage(merge_adapter)(adapter, base, dataset, cfg.storage)
-    report = stage(evaluate)(dataset, base, merged, adapter, cfg.eval, cfg.storage,
+    merged = stage(merge_adapter)(adapter, base, dataset, cfg.model, cfg.merge, cfg.eval, cfg.storage)
+    report = stage(evaluate)(dataset, base, merged, adapter, cfg.model, cfg.eval, cfg.storage,
                              run_config=cfg.model_dump(exclude={"publish", "storage"}))
     published = stage(publish)(cfg, dataset, base, adapter, report, merged=merged)
 

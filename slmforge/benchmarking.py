@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from slmforge.runtime import Runtime
+
 MB = 1e6  # report megabytes as 10^6 bytes, like get_memory_footprint()/1e6 in the tutorial
 
 
@@ -347,7 +349,7 @@ def estimated_footprint(config, load_mode: str, double_quant: bool) -> int | Non
 def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], data_cfg, prompts: Sequence[str],
                     eval_max_new_tokens: int, eval_batch_size: int, speed_new_tokens: int,
                     batch_sizes: Sequence[int], runs: int, warmup: int, answer_max_new_tokens: int,
-                    compute_dtype: torch.dtype, attn: str, seed: int = 0,
+                    rt: Runtime, seed: int = 0,
                     reraise: Callable[[BaseException], bool] = lambda e: False,
                     log: Callable[[str], None] = print) -> dict:
     """Everything the comparison reports for one model × mode, as a JSON-able dict.
@@ -373,8 +375,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             t0 = time.perf_counter()
             # inference only: bitsandbytes' AVX512-bf16 kernel where the CPU has it (about 2x the
             # unpacked path's generation speed on such a CPU), as a user of 4-bit inference gets it
-            model = M.load_model(Path(model_dir), load_mode, compute_dtype=compute_dtype, double_quant=double_quant,
-                                 attn=attn, cpu_fast_path=True)
+            model = M.load_model(Path(model_dir), load_mode, rt, double_quant=double_quant, cpu_fast_path=True)
             tokenizer = M.load_tokenizer(Path(model_dir))
             row["load_s"] = time.perf_counter() - t0
             row["peak_load_bytes"] = mem.mark("load")

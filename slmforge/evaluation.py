@@ -85,6 +85,7 @@ def aggregate(items: list[dict]) -> dict:
     """Overall, per test part and per category means of every metric, plus counts."""
     def summarise(group: list[dict]) -> dict:
         s = {m: metrics.mean(it[m] for it in group) for m in METRICS}
+        s["chrf"] = metrics.corpus_chrf([it["answer"] for it in group], [it["reference"] for it in group])
         loss = metrics.mean(it["answer_loss"] for it in group)
         s["answer_loss"] = loss
         s["perplexity"] = math.exp(loss) if loss is not None else None
@@ -120,14 +121,3 @@ def evaluate_model(model, tokenizer, records: list[dict], max_new_tokens: int, b
         })
     return {"items": items, "summary": aggregate(items)}
 
-
-@torch.no_grad()
-def max_logit_diff(model_a, model_b, records: list[dict], n: int = 4) -> float:
-    """Largest absolute difference of next-token logits between two models on a few inputs."""
-    worst = 0.0
-    for rec in records[:n]:
-        ids = torch.tensor([rec["input_ids"]])
-        a = model_a(input_ids=ids.to(_device(model_a))).logits.float().cpu()
-        b = model_b(input_ids=ids.to(_device(model_b))).logits.float().cpu()
-        worst = max(worst, (a - b).abs().max().item())
-    return worst

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from slmforge.runtime import Runtime, decide
+
 # alias -> (package that ships the file, GGUF file name, licence of the weights, install command).
 # The file lies inside the package (SmolLM2), or the package ships it in chunks (its own deps) and an
 # `assemble()` that joins them (Gemma): then it is assembled once into bundled_cache_dir().
@@ -278,20 +280,6 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if on_gpu() else torch.float32
-    return getattr(torch, name)
-
-
-def resolve_attn(name: str) -> str:
-    if name != "auto":
-        return name
-    if on_gpu() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16, quant_type: str = "nf4",
                double_quant: bool = True):
     """The tutorial's §4 settings: 8-bit LLM.int8, or 4-bit NF4 with double quant."""
@@ -305,33 +293,35 @@ def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16, quant_typ
     raise ValueError(f"unknown quantization mode {mode!r}")
 
 
-def device_map() -> str | dict:
-    return "auto" if on_gpu() else "cpu"
+UNQUANTIZED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_model(model_dir: Path, mode: str = "bf16", compute_dtype: torch.dtype | None = None,
-               quant_type: str = "nf4", double_quant: bool = True, attn: str = "sdpa", dtype: torch.dtype | None = None,
-               cpu_fast_path: bool = False):
-    """Load a materialised (or pre-quantized) checkpoint. mode: bf16 | fp32 | 8bit | 4bit | saved.
+def load_model(model_dir: Path, mode: str = "weights", rt: Runtime | None = None, quant_type: str = "nf4",
+               double_quant: bool = True, cpu_fast_path: bool = False):
+    """Load a materialised (or pre-quantized) checkpoint where and how the runtime decision says
+    (device map, dtypes, attention; `rt` defaults to this machine's decision for the defaults).
 
-    `cpu_fast_path` lets bitsandbytes repack 4-bit weights for its AVX512-bf16 inference kernel
-    (see `keep_4bit_unpacked`); off by default, so every stage computes the same function as training."""
+    mode: weights (unquantized in `rt.weights_dtype`) | bf16 | fp16 | fp32 | 8bit | 4bit | saved (a
+    checkpoint saved quantized). `cpu_fast_path` lets bitsandbytes repack 4-bit weights for its
+    AVX512-bf16 inference kernel (see `keep_4bit_unpacked`); off by default, so every stage computes
+    the same function as training."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"device_map": device_map(), "attn_implementation": attn}
+    rt = rt or decide()
+    kwargs: dict = {"device_map": rt.device_map, "attn_implementation": rt.attn}
     if mode in ("4bit", "8bit"):
-        kwargs["quantization_config"] = bnb_config(mode, compute_dtype or torch.bfloat16, quant_type, double_quant)
-        kwargs["dtype"] = dtype or (torch.bfloat16 if on_gpu() else torch.float32)
-    elif mode == "saved":  # a checkpoint saved already quantized: its config carries the quantization
-        kwargs["dtype"] = dtype or (torch.bfloat16 if on_gpu() else torch.float32)
+        kwargs["quantization_config"] = bnb_config(mode, rt.compute_torch_dtype, quant_type, double_quant)
+        kwargs["dtype"] = rt.weights_torch_dtype
+    elif mode in ("saved", "weights"):  # saved: the checkpoint's config carries its quantization
+        kwargs["dtype"] = rt.weights_torch_dtype
     else:
-        kwargs["dtype"] = dtype or {"bf16": torch.bfloat16, "fp32": torch.float32}[mode]
+        kwargs["dtype"] = UNQUANTIZED[mode]
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelSourceError(f"cannot load {model_dir} ({mode}): {type(e).__name__}: {e}") from None
-    if mode == "saved" and compute_dtype is not None:
-        set_compute_dtype(model, compute_dtype)
+    if mode == "saved":
+        set_compute_dtype(model, rt.compute_torch_dtype)
     if not cpu_fast_path:
         keep_4bit_unpacked(model)
     model.eval()

@@ -73,9 +73,9 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
                merged: bool = False, revision: str = "main", content_hash: str | None = None,
                bundled_note: str | None = None) -> str:
     """README.md: Hub metadata (base_model, library_name: peft, licence, datasets, model-index with
-    the fine-tuned metrics), the before/after tables, how to load it, the training config, the data
+    the published model's metrics), the before/after tables, how to load it, the training config, the data
     fingerprint and the Prefect flow run it came from."""
-    tuned = summaries["fine-tuned"]["overall"]
+    tuned = summaries["published"]["overall"]
     repo = repo_id or "<user>/<repo>"
     ds = dataset_name(dataset)
     meta: dict = {}
@@ -115,11 +115,17 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
     t = train or {}
     train_line = ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in ("steps", "epochs", "train_loss", "runtime_s")
                            if t.get(k) is not None)
+    model_cfg = config.get("model") or {}
+    quant_type, double_quant = model_cfg.get("quant_type", "nf4"), bool(model_cfg.get("double_quant", True))
     merged_section = f"""
-The merged model (the adapter folded into the base) is in the `merged/` folder:
+The merged model (the adapter folded into {"the original weights" if (config.get("merge") or {}).get("into") == "original"
+else "the dequantized 4-bit base it was trained on"}; compared with the trained model before publishing) is in the
+`merged/` folder:
 
 ```python
-model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged"{rev_arg}, device_map="auto", dtype="auto")
+# adapter_kwargs: the repo root holds the adapter, which transformers would load instead
+model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged"{rev_arg}, adapter_kwargs={{"subfolder": "merged"}},
+                                             device_map="auto", dtype="auto")
 ```
 """ if merged else ""
     body = f"""# {repo}
@@ -137,10 +143,16 @@ See `report.md` for the per-category breakdown, the loss curve and sample answer
 ## How to load
 
 ```python
+import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-base = AutoModelForCausalLM.from_pretrained("{base_ref}", device_map="auto", dtype="auto")
+# the adapter was trained on the {quant_type.upper()} 4-bit base: load the base the same way to get the evaluated model
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{quant_type}",
+                                  bnb_4bit_use_double_quant={double_quant}, bnb_4bit_compute_dtype=torch.bfloat16)
+# dtype: slmforge quantized a bf16 copy of the base
+base = AutoModelForCausalLM.from_pretrained("{base_ref}", quantization_config=quantization, dtype=torch.bfloat16,
+                                            device_map="auto")
 model = PeftModel.from_pretrained(base, "{repo}"{rev_arg})
 tokenizer = AutoTokenizer.from_pretrained("{repo}"{rev_arg})
 ```

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from slmforge.config import LoraSettings, TrainConfig
-from slmforge.modeling import keep_4bit_unpacked, on_gpu
+from slmforge.modeling import keep_4bit_unpacked
+from slmforge.runtime import Runtime, decide
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainResult:
     micro_batch: int
     grad_accum: int
     resumed_from_step: int | None
+    runtime: dict | None = None  # the runtime decision it ran under
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -71,15 +73,20 @@ def check_target_modules(model, target_modules: str | list[str]) -> list[str]:
     return matched
 
 
+GC_KWARGS = {"use_reentrant": False}
+
+
 def attach_adapter(model, cfg: LoraSettings, gradient_checkpointing: bool):
-    """Wrap the base in a LoRA PeftModel with float32 adapter weights."""
+    """Wrap the base in a LoRA PeftModel with float32 adapter weights. Gradient checkpointing is
+    switched on here and only here (the trainer is told not to do it again)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, cfg.target_modules)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=GC_KWARGS)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KWARGS)
     peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
     return peft_model
 
@@ -137,12 +144,6 @@ class _CheckpointDone:
         return Callback()
 
 
-def resolve_checkpointing(cfg: TrainConfig) -> bool:
-    if cfg.gradient_checkpointing == "auto":
-        return on_gpu()
-    return bool(cfg.gradient_checkpointing)
-
-
 def checkpoint_step(path: Path | str) -> int | None:
     name = Path(path).name
     tail = name[len("checkpoint-"):] if name.startswith("checkpoint-") else ""
@@ -171,6 +172,7 @@ def train(
     save_steps: int | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
     max_length: int | None = None,
+    rt: Runtime | None = None,
 ) -> tuple[object, TrainResult]:
     """Train a LoRA adapter on pre-tokenised records (`input_ids`, `labels`); returns (peft model, result).
 
@@ -183,19 +185,21 @@ def train(
 
     With `cfg.packing`, examples are packed padding-free into rows of `max_length` tokens (default:
     the longest record); position ids restart per example, so attention stays within each one.
+    Device, mixed precision, optimizer and checkpointing come from `rt` (the runtime decision).
     """
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     set_seed(cfg.seed)
-    gc = resolve_checkpointing(cfg)
+    rt = rt or decide(gradient_checkpointing=cfg.gradient_checkpointing)
+    checkpointing = rt.gradient_checkpointing
     micro_batch = micro_batch or cfg.batch_size
     grad_accum = grad_accum or cfg.grad_accum
     if keep_4bit_unpacked(model):  # the trainer's own evaluations must not repack it either
         warnings.warn("the 4-bit base had been packed for bitsandbytes' CPU inference kernel (no gradients "
                       "there); unpacked it for training", stacklevel=2)
-    model = attach_adapter(model, lora, gc)
+    model = attach_adapter(model, lora, checkpointing)
 
     cols = ["input_ids", "labels"]
     train_ds = Dataset.from_list([{c: r[c] for c in cols} for r in train_records])
@@ -217,12 +221,11 @@ def train(
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_torch_fused" if on_gpu() else "adamw_torch",
-        bf16=on_gpu() and torch.cuda.is_bf16_supported(),
-        fp16=False,
-        use_cpu=not on_gpu(),
-        gradient_checkpointing=gc,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
+        optim=rt.optim,
+        bf16=rt.mixed_precision == "bf16",
+        fp16=rt.mixed_precision == "fp16",  # with the Trainer's loss scaling
+        use_cpu=not rt.on_gpu,
+        gradient_checkpointing=False,  # attach_adapter switched it on already where rt says so
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         logging_steps=cfg.logging_steps,
@@ -276,6 +279,7 @@ def train(
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         resumed_from_step=resumed_step,
+        runtime=rt.to_dict(),
     )
     return trainer.model, result
 

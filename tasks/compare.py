@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from slmforge.runtime import decide
 from slmforge import benchmarking as B
 from slmforge import data as D
 from slmforge import modeling as M
@@ -130,7 +131,7 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
             speed_new_tokens=cfg.speed_new_tokens(gpu), batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
             warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_tokens(gpu),
-            compute_dtype=M.resolve_compute_dtype(cfg.compute_dtype), attn=M.resolve_attn(cfg.attn_implementation),
+            rt=decide(cfg.compute_dtype, cfg.attn_implementation),
             seed=cfg.eval.seed, reraise=is_transient, log=log)
     return {"model": entry["name"], "spec": entry["spec"], "source_label": entry.get("source_label"), **row}
 
@@ -150,14 +151,15 @@ def compare_key(cfg: CompareConfig, entries: list[dict], gpu: bool) -> str:
 def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: ArtifactStore, started: float,
                  eval_n: int, log=print, load_at_start: float | None = None) -> dict:
     gpu = M.on_gpu()
+    rt = decide(cfg.compute_dtype, cfg.attn_implementation)
     env = B.environment()
     env["load_average_1min"] = {"start": load_at_start, "end": B.load_average()}
     table = B.display_rows(rows)
     method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
     settings = {
         **cfg.resolved(gpu), "eval_items": eval_n, "eval_batch_size": cfg.eval.batch_size,
-        "speed": cfg.speed.model_dump(), "compute_dtype": str(M.resolve_compute_dtype(cfg.compute_dtype)),
-        "attn_implementation": M.resolve_attn(cfg.attn_implementation), "data": cfg.data.source,
+        "speed": cfg.speed.model_dump(), "compute_dtype": rt.compute_dtype, "attn_implementation": rt.attn,
+        "runtime": rt.to_dict(), "data": cfg.data.source,
         "threads": cfg.threads,
     }
     staging = store.staging_dir(key)

@@ -1,4 +1,8 @@
-"""Stage 5: the base and the fine-tuned model on the held-out split; report, charts, samples."""
+"""Stage 5: the base, the trained and the published model on the held-out split; report, charts, samples.
+
+Names, everywhere in reports, tables and charts: `base` (before fine-tuning), `trained` (the adapter
+on the 4-bit base: what training produced), `published` (the merged model the publish stage pushes
+and the gate judges)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import report as R
-from slmforge.config import EvalConfig, StorageConfig
+from slmforge.config import EvalConfig, ModelConfig, StorageConfig
 from slmforge.data import read_jsonl
 from slmforge.evaluation import evaluate_model
+from slmforge.merging import describe_check, load_trained
+from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
@@ -40,26 +46,19 @@ def hardware() -> dict:
             "cores": os.cpu_count()}
 
 
-def _adapter_on_quantized(base: dict, adapter: dict, store: ArtifactStore):
-    """What training saw: the adapter on the 4-bit base, before any merge."""
-    from peft import PeftModel
-
-    model = M.load_model(store.get_dir(base["quantized"]["key"]), "saved",
-                         compute_dtype=M.resolve_compute_dtype("auto"))
-    return PeftModel.from_pretrained(model, str(store.get_dir(adapter["key"]))).eval()
-
-
 def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: EvalConfig, store: ArtifactStore,
-                   log=print, run_config: dict | None = None) -> dict:
-    key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump(), code_version.fingerprint()])}"
+                   log=print, run_config: dict | None = None, model_cfg: ModelConfig = ModelConfig()) -> dict:
+    key = f"eval/{content_hash([dataset['key'], base['base']['key'], merged['key'], cfg.model_dump(), model_cfg.model_dump(), code_version.fingerprint()])}"
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
     test = read_jsonl(store.get_dir(dataset["key"]) / "test.jsonl")
-    mode = "bf16" if M.on_gpu() else "fp32"  # CPUs run bf16 matmuls slowly
-    candidates = [("base", lambda: M.load_model(store.get_dir(base["base"]["key"]), mode))]
+    rt = for_config(model_cfg)
+    log(f"runtime: {rt.describe()}")
+    candidates = [("base", lambda: M.load_model(store.get_dir(base["base"]["key"]), "weights", rt))]
     if cfg.adapter_on_4bit:
-        candidates.append(("adapter-on-4bit", lambda: _adapter_on_quantized(base, adapter, store)))
-    candidates.append(("fine-tuned", lambda: M.load_model(store.get_dir(merged["key"]), mode)))
+        candidates.append(("trained", lambda: load_trained(store.get_dir(base["quantized"]["key"]),
+                                                           store.get_dir(adapter["key"]), rt)))
+    candidates.append(("published", lambda: M.load_model(store.get_dir(merged["key"]), "weights", rt)))
     tokenizer = M.load_tokenizer(store.get_dir(merged["key"]))
     results = {}
     for name, load in candidates:
@@ -80,10 +79,12 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
         "summary": {n: r["summary"] for n, r in results.items()},
         "items": {n: r["items"] for n, r in results.items()},
         "generation": {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-                       "seed": cfg.seed, "dtype": mode},
+                       "seed": cfg.seed, "dtype": rt.weights_dtype},
+        "runtime": rt.to_dict(),
         "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"]},
         "model": base["base"]["source"],
         "config": run_config,
+        "merge": merged.get("merge"),
         "merge_check": merged.get("merge_check"),
         "train": adapter.get("train"),
         "versions": versions(),
@@ -105,7 +106,12 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
         f"Model `{report['model']['location']}`; data `{report['dataset']['source']}` "
         f"(fingerprint `{report['dataset']['fingerprint']}`); "
         f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
+        "Models: `base` before fine-tuning; `trained`, the adapter on the 4-bit base (what training produced); "
+        "`published`, the merged model that is published and that the gate judges.",
         "## Before / after (held-out split)", R.markdown_table(table),
+        *([f"## Published model against the trained model\n\nMerged into the "
+           f"{(report.get('merge') or {}).get('into', '?')} base, saved in {(report.get('merge') or {}).get('dtype', '?')} "
+           f"and reloaded; {describe_check(report['merge_check'])}."] if report.get("merge_check") else []),
         "## Key accuracy per test part", R.markdown_table(R.group_table(results, "by_part")),
         *[f"### All metrics, test part `{part}`\n\n" + R.markdown_table(R.comparison_rows(
             {n: r["summary"]["by_part"][part] for n, r in results.items()}))
@@ -120,13 +126,13 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", **gpu_retry())
-def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, eval: EvalConfig, storage: StorageConfig,
-             run_config: dict | None = None) -> dict:
+def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, model: ModelConfig, eval: EvalConfig,
+             storage: StorageConfig, run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
     with gpu_slot():
-        record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config)
-    create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics, base vs fine-tuned")
+        record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
+    create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics: base, trained (adapter on 4-bit), published (merged)")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
     create_markdown_artifact(key="finetune-report", markdown=(
         f"Report: `{record['uri']}/report.md`\n\n" + R.markdown_table(record["table"])),

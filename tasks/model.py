@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 
 from slmforge import fingerprint as code_version
 from slmforge import modeling as M
+from slmforge import runtime as R
 from slmforge.config import ModelConfig, StorageConfig
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
@@ -32,16 +33,16 @@ def materialise_base(model: ModelConfig, store: ArtifactStore, log=print) -> dic
 
 
 def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=print) -> dict:
-    compute = M.resolve_compute_dtype(model.compute_dtype)
+    rt = R.for_config(model)
     settings = {"base": base["key"], "4bit": model.load_in_4bit, "quant_type": model.quant_type,
-                "double_quant": model.double_quant, "compute": str(compute), "gpu": M.on_gpu()}
+                "double_quant": model.double_quant, "compute": rt.compute_dtype, "weights": rt.weights_dtype,
+                "device": rt.device}
     key = f"models/quantized/{content_hash([settings, code_version.fingerprint()])}"
     if not store.exists(key):
         base_dir = store.get_dir(base["key"])
         t0 = time.perf_counter()
-        mode = "4bit" if model.load_in_4bit else ("bf16" if M.on_gpu() else "fp32")
-        m = M.load_model(base_dir, mode, compute_dtype=compute, quant_type=model.quant_type,
-                         double_quant=model.double_quant, attn=M.resolve_attn(model.attn_implementation))
+        mode = "4bit" if model.load_in_4bit else "weights"
+        m = M.load_model(base_dir, mode, rt, quant_type=model.quant_type, double_quant=model.double_quant)
         load_s = time.perf_counter() - t0
         footprint = m.get_memory_footprint()
         staging = store.staging_dir(key)
@@ -50,7 +51,7 @@ def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=prin
         del m
         M.free_memory()
         store.commit_dir(staging, key, meta={**settings, "footprint_bytes": footprint, "load_s": round(load_s, 2)})
-        log(f"quantized base: {footprint / 1e6:.0f} MB in memory ({mode}, compute {compute})")
+        log(f"quantized base: {footprint / 1e6:.0f} MB in memory ({mode}); runtime: {rt.describe()}")
     meta = store.manifest(key)["meta"]
     return {"key": key, "uri": store.uri(key), "footprint_bytes": meta["footprint_bytes"],
             "settings": settings}

@@ -53,6 +53,16 @@ def _copy_tree(src_dir: Path, dst_dir: Path, skip: set[str]) -> list[str]:
     return names
 
 
+def _point_adapter_at(config_file: Path, base_ref: str) -> None:
+    """peft wrote the training machine's store path as the adapter's base: name the base the model
+    card names, so `AutoPeftModelForCausalLM.from_pretrained(repo)` finds it. Replaces the staged file
+    (a hard link into the store) instead of writing through it."""
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_ref
+    config_file.unlink()
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def result_hash(cfg: FinetuneConfig, adapter: dict, evaluation: dict, merged: dict | None) -> str:
     """What identifies one published result: the adapter, its evaluation, the destination, and the
     merged model when it is pushed too. Not the flow run: the same result from another run is the same."""
@@ -78,11 +88,12 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
     pub = cfg.publish
     primary = cfg.eval.primary_metric
     summary = evaluation["summary"]
-    tuned, before = summary["fine-tuned"]["overall"].get(primary), summary["base"]["overall"].get(primary)
+    # the gate judges the model that is published: the merged one
+    tuned, before = summary["published"]["overall"].get(primary), summary["base"]["overall"].get(primary)
     target = pub.hub_repo or "dry-run"
     record = _read_record(store)
     h = result_hash(cfg, adapter, evaluation, merged)
-    out = {"published": False, "reason": "", "primary": primary, "base": before, "fine_tuned": tuned,
+    out = {"published": False, "reason": "", "primary": primary, "base": before, "published_model": tuned,
            "content_hash": h, "target": target}
 
     if h in record["published"]:
@@ -119,6 +130,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
     staging = store.staging_dir(key)
     try:
         _copy_tree(store.get_dir(adapter["key"]), staging, ADAPTER_SKIP)
+        _point_adapter_at(staging / "adapter_config.json", base_id or cfg.model.source)
         eval_dir = store.get_dir(evaluation["key"])
         for name in EVAL_FILES:
             _link_or_copy(eval_dir / name, staging / name)
@@ -213,7 +225,7 @@ def publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, evalu
     create_markdown_artifact(
         key="publish",
         markdown=(f"**Published** to `{result['location']}`" if result["published"] else f"**{result['reason']}**")
-        + f"\n\n{result['primary']}: base {result['base']}, fine-tuned {result['fine_tuned']}",
+        + f"\n\n{result['primary']}: base {result['base']}, published model {result['published_model']}",
         description="Quality gate and publish decision",
     )
     return result

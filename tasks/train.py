@@ -17,6 +17,7 @@ from prefect.runtime import task_run as current_task_run
 
 from slmforge import fingerprint as code_version
 from slmforge import modeling as M
+from slmforge import runtime as R
 from slmforge import training as T
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
 from slmforge.data import read_jsonl
@@ -162,8 +163,9 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     faults = injected_faults()
     upload = _checkpoint_uploader(store, key, work, micro, accum,
                                   kill_after="kill-after-checkpoint" in faults and resume_step is None, log=log)
-    compute = M.resolve_compute_dtype(model_cfg.compute_dtype)
-    model = M.load_model(model_dir, "saved", compute_dtype=compute, attn=M.resolve_attn(model_cfg.attn_implementation))
+    rt = R.for_config(model_cfg, cfg)
+    log(f"runtime: {rt.describe()}")
+    model = M.load_model(model_dir, "saved", rt)
     tokenizer = M.load_tokenizer(model_dir)
     try:
         if attempt <= faults.get("oom", 0):
@@ -173,7 +175,7 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
         peft_model, result = T.train(model, tokenizer, train_recs, val_recs or None, lora, cfg, work,
                                      progress=progress, micro_batch=micro, grad_accum=accum,
                                      save_steps=cfg.save_steps, on_checkpoint=upload,
-                                     max_length=dataset.get("max_length"))
+                                     max_length=dataset.get("max_length"), rt=rt)
         staging = store.staging_dir(key)
         T.save_adapter(peft_model, tokenizer, staging, result)
         loss_chart(result.loss_curve, staging / "loss_curve.png")
@@ -256,7 +258,7 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
             tokens = dataset.get("stats", {}).get("train", {}).get("max_tokens") or 512
             raise TrainingMemoryError(
                 f"train.batch_size: out of memory even at micro-batch {micro} x accumulation {accum} "
-                f"(gradient checkpointing {'on' if T.resolve_checkpointing(train) else 'off'})."
+                f"(gradient checkpointing {'on' if R.for_config(model, train).gradient_checkpointing else 'off'})."
                 f"{memory_advice(train, lora, base, store, tokens)} Turn on train.gradient_checkpointing, lower "
                 "data.max_length or lora.r, or use a larger GPU."
             ) from None

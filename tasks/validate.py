@@ -11,6 +11,7 @@ from prefect import task
 from slmforge import modeling as M
 from slmforge.config import ConfigError, FinetuneConfig, LoraSettings
 from slmforge.publishing import hub_token
+from slmforge.runtime import RuntimeSettingError, for_config
 from tasks.storage import ArtifactStore
 
 CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -92,6 +93,10 @@ def check_inputs(cfg: FinetuneConfig) -> dict:
     """Store writable, model source resolvable (config only), max_length within the model's
     context, LoRA targets present in the model, Hub token present when a Hub repo is set.
     Raises ConfigError / ModelSourceError / StoreError with the field's name."""
+    try:  # a dtype or attention kernel this hardware cannot run
+        for_config(cfg.model, cfg.train)
+    except RuntimeSettingError as e:
+        raise ConfigError(str(e)) from None
     ArtifactStore.from_config(cfg.storage).check_writable()
     src = M.resolve_source(cfg.model.source, cfg.model.revision)
     config = model_config(src)

@@ -122,6 +122,10 @@ CASES = [
     ("gguf-missing", ["model.source=/nonexistent/model.gguf"], "model.source: GGUF file not found"),
     ("gguf-not-gguf", ["model.source={not_gguf}"], "not a GGUF file"),
     ("gguf-unsupported-architecture", ["model.source={weird_gguf}"], "weirdarch"),
+    # settings this (GPU-less) hardware cannot run: the runtime decision refuses them before loading
+    ("compute-float16-on-cpu", ["model.compute_dtype=float16"], "model.compute_dtype: float16 needs a GPU"),
+    ("flash-attention-without-gpu", ["model.attn_implementation=flash_attention_2"],
+     "model.attn_implementation: flash_attention_2 needs a CUDA GPU"),
     # data files
     ("data-missing", ["data.source=/nonexistent/qa.jsonl"], "data.source: file not found"),
     ("data-invalid-json", ["data.source={bad_jsonl}"], "data.max_bad_fraction"),

@@ -350,7 +350,7 @@ def test_same_seed_same_loss_curve(prepared, tmp_path):
     model_dir = store.get_dir(prepared.base["quantized"]["key"])
     curves = []
     for run in ("a", "b"):
-        model = M.load_model(model_dir, "saved", compute_dtype=M.resolve_compute_dtype("auto"))
+        model = M.load_model(model_dir, "saved")
         tok = M.load_tokenizer(model_dir)
         _, result = T.train(model, tok, records, None, LoraSettings(), TrainConfig(**{**TRAIN, "max_steps": 3}),
                             tmp_path / run)
@@ -555,6 +555,7 @@ def test_planted_secrets_appear_in_no_store_file_and_no_log_line(prefect_api, ti
             "data.max_length=64", "data.test_limit=3", "train.max_steps=2", "train.batch_size=4",
             "train.save_steps=1", "eval.max_new_tokens=2", "eval.batch_size=3", "eval.samples=1",
             "eval.adapter_on_4bit=false", "eval.min_improvement=-1", f"publish.hub_endpoint={hub.url}",
+            "merge.min_answer_agreement=0",  # a random model's greedy answers flip under bf16 rounding
             "publish.hub_repo=tester/faults-adapter", "publish.token_secret_block=no-such-block"])
         state = finetune(cfg, return_state=True)
         assert state.is_completed(), state

@@ -15,6 +15,8 @@ def _tiny_cfg(tiny_model_dir, store_dir, **extra):
         "data.train_limit=16", "data.test_limit=6", "data.max_length=256",
         "train.max_steps=2", "train.batch_size=4", "train.logging_steps=1",
         "eval.max_new_tokens=4", "eval.batch_size=6", "eval.samples=3",
+        # a random model's near-tied logits flip greedy answers under bf16 rounding: check logits only
+        "merge.min_answer_agreement=0",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(overrides=sets)
 
@@ -36,9 +38,11 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
         key = out[name].split(str(tmp_path / "store") + "/", 1)[1]
         assert store.exists(key), f"{name} has no manifest"
     report = json.loads((store.get_dir(out["report"].split("store/", 1)[1]) / "report.json").read_text())
-    assert set(report["summary"]) == {"base", "adapter-on-4bit", "fine-tuned"}
+    assert set(report["summary"]) == {"base", "trained", "published"}
     assert {"taught", "unseen"} <= set(report["summary"]["base"]["by_part"])
-    assert report["merge_check"]["max_logit_diff"] < report["merge_check"]["tolerance"]
+    check = report["merge_check"]
+    assert check["compared_with"].startswith("trained") and check["within_tolerance"], check
+    assert check["max_logit_diff"] <= check["max_logit_diff_tolerance"]
     assert "not published" in out["publish"]["reason"] or out["publish"]["published"]
 
     second = finetune(cfg, return_state=True)

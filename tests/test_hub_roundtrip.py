@@ -9,10 +9,9 @@ answers must be exactly the ones the evaluate stage reported for `trained` (the 
 base) and `published` (the merged model). The downloaded bytes must also be the bytes the store
 holds.
 
-Two strict xfails mark what is still wrong in what is published (each turns red once fixed, so the
-mark comes off): the card's `subfolder="merged"` snippet does not load the merged model while the
-adapter sits at the repo root, and the pushed adapter_config.json names the training machine's
-store path as its base.
+The card's merged-model snippet must load the merged model although the adapter sits at the repo
+root, and the pushed adapter_config.json must name the card's base, not the training machine's
+store path (both were wrong before this test).
 """
 
 from __future__ import annotations
@@ -175,12 +174,13 @@ def test_the_hub_holds_the_stores_bytes(pushed):
     assert set(files) == set(listed) | {".gitattributes"}, sorted(set(files) ^ set(listed))
     for name, entry in listed.items():
         assert _sha256(files[name]) == entry["sha256"], f"{name} on the Hub is not what publish pushed"
+    # adapter_config.json is rewritten to name the card's base (its own test below)
     adapter = {e["path"]: e["sha256"] for e in store.manifest(key(pushed.out["adapter"]))["files"]
-               if e["path"] != "README.md"}
+               if e["path"] not in ("README.md", "adapter_config.json")}
     merged = {f"merged/{e['path']}": e["sha256"] for e in store.manifest(key(pushed.out["merged"]))["files"]}
     report = {e["path"]: e["sha256"] for e in store.manifest(key(pushed.out["report"]))["files"]
               if e["path"] in ("report.json", "report.md")}
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(adapter)
+    assert "adapter_model.safetensors" in set(adapter) and "adapter_config.json" in files
     assert {"merged/model.safetensors", "merged/config.json"} <= set(merged) and len(report) == 2
     for name, sha in {**adapter, **merged, **report}.items():
         assert name in files, f"{name} was not pushed"
@@ -226,7 +226,7 @@ def test_the_adapter_loaded_the_cards_way_answers_like_the_evaluated_trained_mod
 
 def test_the_merged_folder_answers_like_the_evaluated_published_model(pushed, evaluated):
     """The downloaded merged/ folder, loaded as a model folder, is the published model. (The card's
-    own `subfolder="merged"` call is the xfail below.)"""
+    own `subfolder="merged"` call is the next test.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     records, answers = evaluated
@@ -237,25 +237,20 @@ def test_the_merged_folder_answers_like_the_evaluated_published_model(pushed, ev
     assert _answers(model, tokenizer, records, pushed.cfg.eval) == answers["published"]
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OSError), reason=(
-    "production bug: the adapter's adapter_config.json sits at the repo root, and transformers' "
-    "from_pretrained(repo, subfolder='merged') looks for an adapter config at the root (subfolder goes "
-    "only to adapter_kwargs), finds it, and loads the adapter's base_model_name_or_path instead of merged/"))
 def test_the_cards_merged_snippet_loads_the_merged_model(pushed, evaluated):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     records, answers = evaluated
     rt = _runtime()
-    # the card: AutoModelForCausalLM.from_pretrained("<repo>", subfolder="merged", device_map="auto", dtype="auto")
-    model = AutoModelForCausalLM.from_pretrained(str(pushed.local), subfolder="merged", device_map=rt.device_map,
+    # the card's call, with this CPU's device map and dtype for its "auto"s
+    assert 'subfolder="merged", adapter_kwargs={"subfolder": "merged"}' in pushed.card
+    model = AutoModelForCausalLM.from_pretrained(str(pushed.local), subfolder="merged",
+                                                 adapter_kwargs={"subfolder": "merged"}, device_map=rt.device_map,
                                                  dtype=rt.weights_torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(pushed.local))
     assert _answers(model, tokenizer, records, pushed.cfg.eval) == answers["published"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "production bug: the pushed adapter_config.json names the training machine's store path "
-    "(models/quantized/<hash>) as base_model_name_or_path, not the base the card names"))
 def test_the_pushed_adapter_config_names_the_cards_base(pushed):
     config = json.loads(pushed.files["adapter_config.json"].read_text())
     code = _how_to_load(pushed.card)

@@ -109,7 +109,7 @@ class Inputs:
         (eval_dir / "report.json").write_text(json.dumps({"dataset": {"source": "bundled:korean-qa"}}))
         for name in ("loss_curve.png", "key_accuracy_by_part.png", "key_accuracy_by_category.png"):
             (eval_dir / name).write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
-        summary = {"base": _summary(base_value), "fine-tuned": _summary(tuned_value)}
+        summary = {"base": _summary(base_value), "published": _summary(tuned_value)}
         self.evaluation = {
             "key": f"eval/{tag}", "summary": summary, "samples": [], "primary": "key_accuracy",
             "table": comparison_rows({n: s["overall"] for n, s in summary.items()}),
@@ -165,10 +165,15 @@ def test_publish_pushes_byte_identical_files_in_one_private_commit(hub, inputs):
     assert hub.is_private(REPO)
     assert [r.status for r in hub.requests("POST", "/commit/")] == [200]
 
-    # adapter + tokenizer + chat template + report, byte-identical; peft's template card replaced
+    # adapter + tokenizer + chat template + report, byte-identical; peft's template card replaced, and
+    # the adapter config names the base the card names instead of the training machine's store path
     for name in ADAPTER_FILES:
-        if name != "README.md":
+        if name not in ("README.md", "adapter_config.json"):
             assert _sha(hub.file_bytes(REPO, name)) == _sha((inputs.dirs["adapter"] / name).read_bytes()), name
+    stored = json.loads((inputs.dirs["adapter"] / "adapter_config.json").read_text())
+    pushed_config = json.loads(hub.file_bytes(REPO, "adapter_config.json"))
+    assert pushed_config == {**stored, "base_model_name_or_path": pushed_config["base_model_name_or_path"]}
+    assert pushed_config["base_model_name_or_path"] != stored["base_model_name_or_path"]
     for name in T.EVAL_FILES:
         assert _sha(hub.file_bytes(REPO, name)) == _sha((inputs.dirs["eval"] / name).read_bytes()), name
     assert commit["files"]["adapter_model.safetensors"]["lfs"] is True
@@ -206,7 +211,7 @@ def test_model_card_front_matter_parses_and_holds_the_metrics(hub, inputs):
     index = meta["model-index"][0]
     assert index["name"] == REPO
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
-    tuned = inputs.evaluation["summary"]["fine-tuned"]["overall"]
+    tuned = inputs.evaluation["summary"]["published"]["overall"]
     assert metrics["key_accuracy"] == 0.5
     for name in ("char_f1", "chrf", "exact_match", "answer_loss", "perplexity"):
         assert metrics[name] == pytest.approx(tuned[name], abs=1e-4)
@@ -216,7 +221,7 @@ def test_model_card_front_matter_parses_and_holds_the_metrics(hub, inputs):
     assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"' in body
     assert inputs.dataset["fingerprint"] in body
     assert RUN in body and "0b6e-run-id" in body and "http://prefect.local/runs/flow-run/0b6e-run-id" in body
-    assert "| metric | base | fine-tuned |" in body and "| key accuracy | 12.5% | 50.0% |" in body
+    assert "| metric | base | published |" in body and "| key accuracy | 12.5% | 50.0% |" in body
     assert "| taught |" in body  # per-part table
     config = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     import yaml

@@ -155,6 +155,8 @@ class Stack:
             "data": {"train_limit": 16, "test_limit": 4, "max_length": 128},
             "train": {"max_steps": 2, "batch_size": 4},
             "eval": {"max_new_tokens": 4, "batch_size": 4, "samples": 2},
+            # a random model's near-tied logits flip greedy answers under bf16 rounding: logits only
+            "merge": {"min_answer_agreement": 0.0},
             "storage": {"url": f"s3://{self.bucket}/{prefix}", "endpoint_url": self.s3_endpoint},
         }
         for k, v in sections.items():

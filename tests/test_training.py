@@ -24,7 +24,7 @@ def _records(tok, n=16):
 def test_nf4_qlora_learns_with_fp32_adapter(tiny_model_dir, tmp_path):
     tok = M.load_tokenizer(tiny_model_dir)
     recs = _records(tok)
-    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32)
+    model = M.load_model(tiny_model_dir, "4bit")
     assert getattr(model, "is_loaded_in_4bit", False)
     before = sum(answer_losses(model, recs, 8, tok.pad_token_id)) / len(recs)
     cfg = TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2, logging_steps=5)
@@ -94,7 +94,7 @@ def test_packing_trains_padding_free_rows_of_max_length(tiny_model_dir, tmp_path
     example (trl's padding-free collator), and it still learns."""
     tok = M.load_tokenizer(tiny_model_dir)
     recs = _records(tok)
-    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32)
+    model = M.load_model(tiny_model_dir, "4bit")
     before = sum(answer_losses(model, recs, 8, tok.pad_token_id)) / len(recs)
     cfg = TrainConfig(max_steps=20, batch_size=2, learning_rate=3e-3, warmup_steps=2, packing=True)
     peft_model, result = T.train(model, tok, recs, None, LoraSettings(dropout=0.0), cfg, tmp_path / "out",
@@ -123,7 +123,7 @@ def test_training_unpacks_the_4bit_base_and_keeps_it_unpacked(tiny_model_dir, tm
 
     tok = M.load_tokenizer(tiny_model_dir)
     recs = _records(tok)
-    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32, cpu_fast_path=True)
+    model = M.load_model(tiny_model_dir, "4bit", cpu_fast_path=True)
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert layers
     first = layers[0]
@@ -151,7 +151,7 @@ def test_training_unpacks_the_4bit_base_and_keeps_it_unpacked(tiny_model_dir, tm
 
 
 def test_loaded_4bit_models_do_not_take_the_packed_path(tiny_model_dir):
-    model = M.load_model(tiny_model_dir, "4bit", compute_dtype=torch.float32)
+    model = M.load_model(tiny_model_dir, "4bit")
     assert not M.is_4bit_packed(model)
     with torch.no_grad():  # an evaluation: eval mode, no grad
         model(input_ids=torch.tensor([[1, 2, 3]]))

@@ -1,0 +1,114 @@
+"""The runtime decision on every kind of hardware, without that hardware: the probe is injected."""
+
+import pytest
+import torch
+
+from slmforge.config import load_config
+from slmforge.runtime import Hardware, RuntimeSettingError, decide, for_config
+
+CPU = Hardware(gpus=0, cpu_threads=2)
+H200 = Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True)
+H200_FLASH = Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, flash_attn=True)
+T4 = Hardware(gpus=1, gpu_name="Tesla T4", gpu_bf16=False, flash_attn=True)
+NODE = Hardware(gpus=8, gpu_name="NVIDIA A100-SXM4-80GB", gpu_bf16=True, flash_attn=True)
+
+
+def test_cpu_computes_in_float32_without_autocast_or_checkpointing():
+    rt = decide(hw=CPU)
+    assert (rt.device, rt.device_map, rt.compute_dtype, rt.weights_dtype) == ("cpu", "cpu", "float32", "float32")
+    assert (rt.mixed_precision, rt.attn, rt.gradient_checkpointing, rt.optim) == ("no", "sdpa", False, "adamw_torch")
+    assert rt.weights_mode == "fp32" and rt.compute_torch_dtype is torch.float32
+
+
+def test_bf16_gpu_uses_bf16_autocast_one_replica_and_checkpointing():
+    rt = decide(hw=H200)
+    assert (rt.device, rt.device_map, rt.compute_dtype, rt.weights_dtype) == ("cuda", {"": 0}, "bfloat16", "bfloat16")
+    assert (rt.mixed_precision, rt.attn, rt.gradient_checkpointing, rt.optim) == ("bf16", "sdpa", True,
+                                                                                  "adamw_torch_fused")
+    assert "flash_attn not installed" in rt.reasons["attn"]
+    assert decide(hw=H200_FLASH).attn == "flash_attention_2"
+
+
+def test_gpu_without_bf16_uses_float16_with_loss_scaling_and_no_flash_attention():
+    rt = decide(hw=T4)
+    assert (rt.compute_dtype, rt.weights_dtype, rt.mixed_precision) == ("float16", "float16", "fp16")
+    assert rt.attn == "sdpa" and "Ampere" in rt.reasons["attn"]
+    with pytest.raises(RuntimeSettingError, match="model.compute_dtype: bfloat16 is not supported by Tesla T4"):
+        decide("bfloat16", hw=T4)
+
+
+def test_several_gpus_get_one_whole_replica_per_process_never_auto():
+    for rank in range(3):
+        rt = decide(hw=NODE, local_rank=rank)
+        assert rt.device_map == {"": rank}
+    assert "one whole replica" in decide(hw=NODE).reasons["device_map"]
+
+
+def test_settings_the_hardware_cannot_run_are_refused_naming_the_field():
+    with pytest.raises(RuntimeSettingError, match="model.compute_dtype: float16 needs a GPU"):
+        decide("float16", hw=CPU)
+    with pytest.raises(RuntimeSettingError, match="model.attn_implementation: flash_attention_2 needs"):
+        decide(attn="flash_attention_2", hw=CPU)
+    with pytest.raises(RuntimeSettingError, match="model.attn_implementation"):
+        decide(attn="flash_attention_2", hw=H200)  # flash_attn not installed
+
+
+def test_explicit_settings_win_and_say_so():
+    rt = decide("bfloat16", "eager", True, hw=CPU)
+    assert (rt.compute_dtype, rt.attn, rt.gradient_checkpointing) == ("bfloat16", "eager", True)
+    assert "set by" in rt.reasons["compute_dtype"] and "set by" in rt.reasons["gradient_checkpointing"]
+    assert decide(gradient_checkpointing=False, hw=H200).gradient_checkpointing is False
+
+
+def test_the_readmes_gpu_recipe_resolves_to_bf16_one_replica_and_flash_attention():
+    """README, Settings: the tutorial's §5.3 recipe (Qwen2.5-3B-Instruct) as a config."""
+    cfg = load_config(overrides=["model.source=Qwen/Qwen2.5-3B-Instruct", "data.max_length=512", "train.epochs=3",
+                                 "train.batch_size=4", "train.grad_accum=4", "train.learning_rate=2.0e-4",
+                                 "train.lr_scheduler=cosine", "train.gradient_checkpointing=true",
+                                 "train.packing=true"])
+    rt = for_config(cfg.model, cfg.train, hw=H200_FLASH)
+    assert (rt.compute_dtype, rt.mixed_precision, rt.device_map) == ("bfloat16", "bf16", {"": 0})
+    assert rt.attn == "flash_attention_2" and rt.gradient_checkpointing
+    assert for_config(cfg.model, cfg.train, hw=H200).attn == "sdpa"  # flash-attn not installed
+
+
+def test_the_decision_reaches_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
+    """train() takes device, precision, optimizer and checkpointing from the decision, and switches
+    gradient checkpointing on once (peft's prepare), not again in the trainer."""
+    from dataclasses import replace
+
+    import trl
+
+    from slmforge import modeling as M
+    from slmforge import training as T
+    from slmforge.config import LoraSettings, TrainConfig
+    from slmforge.data import encode_example
+
+    seen = {}
+    real = trl.SFTTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["args"] = kwargs["args"]
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "__init__", spy)
+    calls = []
+    real_enable = type(M.load_model(tiny_model_dir, "fp32")).gradient_checkpointing_enable
+
+    def count(self, *args, **kwargs):
+        calls.append(1)
+        return real_enable(self, *args, **kwargs)
+
+    model = M.load_model(tiny_model_dir, "4bit")
+    monkeypatch.setattr(type(model), "gradient_checkpointing_enable", count)
+    tok = M.load_tokenizer(tiny_model_dir)
+    msgs = [{"role": "user", "content": "1 더하기 2는?"}, {"role": "assistant", "content": "3입니다."}]
+    ids, labels = encode_example(tok, msgs)
+    rt = replace(decide(hw=CPU), gradient_checkpointing=True)
+    _, result = T.train(model, tok, [{"input_ids": ids, "labels": labels}] * 4, None, LoraSettings(),
+                        TrainConfig(max_steps=1, batch_size=2), tmp_path / "out", rt=rt)
+    args = seen["args"]
+    assert (args.optim.value if hasattr(args.optim, "value") else args.optim) == "adamw_torch"
+    assert not args.bf16 and not args.fp16 and args.use_cpu
+    assert args.gradient_checkpointing is False and len(calls) == 1
+    assert result.runtime["gradient_checkpointing"] is True
