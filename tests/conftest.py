@@ -3,6 +3,7 @@ SmolLM2 tokenizer and chat template, and a Prefect test API for flow tests."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -42,6 +43,17 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sums_file(tmp_path_factory) -> Path:
+    """Short English Q&A (under 64 tokens templated), 20 train and 5 test rows, no validation split."""
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}.", "key": str(a + b),
+             "split": "test" if i % 5 == 4 else "train"}
+            for i, (a, b) in enumerate((a, b) for a in range(2, 7) for b in range(3, 8))]
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

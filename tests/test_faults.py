@@ -34,17 +34,6 @@ def _quiet(*_a, **_k):
 
 
 @pytest.fixture(scope="module")
-def sums_file(tmp_path_factory) -> Path:
-    """Short English Q&A (under 64 tokens templated), 20 train and 5 test rows."""
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}.", "key": str(a + b),
-             "split": "test" if i % 5 == 4 else "train"}
-            for i, (a, b) in enumerate((a, b) for a in range(2, 7) for b in range(3, 8))]
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model_dir, sums_file):
     """A store holding the prepared dataset and the 4-bit tiny base: what training reads."""
     from tasks.dataset import prepare

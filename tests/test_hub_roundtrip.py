@@ -16,7 +16,6 @@ store path (both were wrong before this test).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -28,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import LocalHub  # noqa: E402
+
+from tasks.storage import sha256_file  # noqa: E402
 
 FAKE_HF = "hf_FAKEroundtripTOKEN0123456789abcdefXYZ"
 REPO = "tester/roundtrip"
@@ -48,25 +49,6 @@ def bf16_base_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def sums_file(tmp_path_factory) -> Path:
-    """Short English Q&A (under 64 tokens templated), 20 train and 5 test rows, no validation split."""
-    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}.", "key": str(a + b),
-             "split": "test" if i % 5 == 4 else "train"}
-            for i, (a, b) in enumerate((a, b) for a in range(2, 7) for b in range(3, 8))]
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _how_to_load(card: str) -> str:
@@ -173,7 +155,7 @@ def test_the_hub_holds_the_stores_bytes(pushed):
                          / "pushed_files.json").read_text())
     assert set(files) == set(listed) | {".gitattributes"}, sorted(set(files) ^ set(listed))
     for name, entry in listed.items():
-        assert _sha256(files[name]) == entry["sha256"], f"{name} on the Hub is not what publish pushed"
+        assert sha256_file(files[name]) == entry["sha256"], f"{name} on the Hub is not what publish pushed"
     # adapter_config.json is rewritten to name the card's base (its own test below)
     adapter = {e["path"]: e["sha256"] for e in store.manifest(key(pushed.out["adapter"]))["files"]
                if e["path"] not in ("README.md", "adapter_config.json")}
@@ -184,7 +166,7 @@ def test_the_hub_holds_the_stores_bytes(pushed):
     assert {"merged/model.safetensors", "merged/config.json"} <= set(merged) and len(report) == 2
     for name, sha in {**adapter, **merged, **report}.items():
         assert name in files, f"{name} was not pushed"
-        assert _sha256(files[name]) == sha, f"{name} on the Hub differs from the store's"
+        assert sha256_file(files[name]) == sha, f"{name} on the Hub differs from the store's"
     assert MANIFEST not in files and f"merged/{MANIFEST}" not in files
 
 

@@ -112,3 +112,41 @@ def test_the_decision_reaches_the_trainer(tiny_model_dir, tmp_path, monkeypatch)
     assert not args.bf16 and not args.fp16 and args.use_cpu
     assert args.gradient_checkpointing is False and len(calls) == 1
     assert result.runtime["gradient_checkpointing"] is True
+
+
+class _ModelOnAnotherDevice(torch.nn.Module):
+    """Stands for a model on a GPU: its weights are on the meta device, and it checks that every
+    input reaches it there (it answers with CPU tensors so the caller can go on)."""
+
+    def __init__(self, vocab: int = 8):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(vocab, device="meta"))
+        self.vocab = vocab
+        self.seen: list[str] = []
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen.append(input_ids.device.type)
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.seen += [input_ids.device.type, attention_mask.device.type]
+        new = torch.full((input_ids.shape[0], max_new_tokens), kwargs["eos_token_id"])
+        return torch.cat([torch.zeros(input_ids.shape, dtype=torch.long), new], dim=1)
+
+
+def test_merge_check_and_evaluation_move_inputs_to_the_models_device():
+    from types import SimpleNamespace
+
+    from slmforge.evaluation import generate_answers
+    from slmforge.merging import logit_diffs
+
+    a, b = _ModelOnAnotherDevice(), _ModelOnAnotherDevice()
+    records = [{"input_ids": [1, 2, 3], "prompt_ids": [1, 2]}, {"input_ids": [4, 5], "prompt_ids": [4]}]
+    assert logit_diffs(a, b, records) == (0.0, 0.0)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2, decode=lambda ids, **k: "")
+    generate_answers(a, tokenizer, records, max_new_tokens=2, batch_size=2)
+    assert a.seen and set(a.seen) == {"meta"} and set(b.seen) == {"meta"}
