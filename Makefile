@@ -29,7 +29,7 @@ test: setup gemma
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra -m "not slow and not e2e" $(PYTEST_ARGS)
 
 clean-store:
 	rm -rf .slmforge

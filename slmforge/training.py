@@ -102,46 +102,42 @@ def keep_adapter_fp32(model) -> str:
     return ",".join(sorted(dtypes))
 
 
-class _Progress:
+def progress_callback(report: Callable[[int, int, dict | None], None]):
     """A transformers TrainerCallback forwarding steps and losses to a reporter (Prefect artifact, logs)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, report: Callable[[int, int, dict | None], None]):
-        from transformers import TrainerCallback
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report(state.global_step, state.max_steps, None)
 
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                report(state.global_step, state.max_steps, None)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                report(state.global_step, state.max_steps, logs)
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    report(state.global_step, state.max_steps, logs)
-
-        return Callback()
+    return Progress()
 
 
 CHECKPOINT_DONE = "slmforge_checkpoint.json"  # written after the trainer finished a checkpoint
 
 
-class _CheckpointDone:
-    """Marks a checkpoint complete once the trainer has written all of it (trainer_state.json
-    last), then hands it to `on_checkpoint` (the store upload)."""
+def checkpoint_callback(output_dir: Path, micro_batch: int, grad_accum: int,
+                        on_checkpoint: Callable[[Path, int], None] | None):
+    """A TrainerCallback that marks a checkpoint complete once the trainer has written all of it
+    (trainer_state.json last), then hands it to `on_checkpoint` (the store upload)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, output_dir: Path, micro_batch: int, grad_accum: int,
-                on_checkpoint: Callable[[Path, int], None] | None):
-        from transformers import TrainerCallback
+    class CheckpointDone(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(output_dir) / f"checkpoint-{state.global_step}"
+            if not (ckpt / "trainer_state.json").is_file():
+                return
+            (ckpt / CHECKPOINT_DONE).write_text(json.dumps(
+                {"step": state.global_step, "max_steps": state.max_steps, "micro_batch": micro_batch,
+                 "grad_accum": grad_accum}))
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt, state.global_step)
 
-        class Callback(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):
-                ckpt = Path(output_dir) / f"checkpoint-{state.global_step}"
-                if not (ckpt / "trainer_state.json").is_file():
-                    return
-                (ckpt / CHECKPOINT_DONE).write_text(json.dumps(
-                    {"step": state.global_step, "max_steps": state.max_steps, "micro_batch": micro_batch,
-                     "grad_accum": grad_accum}))
-                if on_checkpoint is not None:
-                    on_checkpoint(ckpt, state.global_step)
-
-        return Callback()
+    return CheckpointDone()
 
 
 def checkpoint_step(path: Path | str) -> int | None:
@@ -245,8 +241,8 @@ def train(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[_CheckpointDone(output_dir, micro_batch, grad_accum, on_checkpoint)]
-        + ([_Progress(progress)] if progress else []),
+        callbacks=[checkpoint_callback(output_dir, micro_batch, grad_accum, on_checkpoint)]
+        + ([progress_callback(progress)] if progress else []),
     )
     adapter_dtype = keep_adapter_fp32(trainer.model)
     resume = latest_checkpoint(output_dir)
