@@ -30,7 +30,8 @@ def check_records(store: ArtifactStore, dataset: dict, n: int) -> list[dict]:
 
 def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_cfg: EvalConfig,
               store: ArtifactStore, log=print, model_cfg: ModelConfig = ModelConfig()) -> dict:
-    key = f"merged/{content_hash([adapter['key'], base['quantized']['key'], base['base']['key'], cfg.model_dump(), model_cfg.model_dump(), eval_cfg.max_new_tokens, code_version.fingerprint()])}"
+    # everything that decides the merged weights and the check's figures (greedy answers depend on the batch's padding)
+    key = f"merged/{content_hash([adapter['key'], base['quantized']['key'], base['base']['key'], cfg.model_dump(), model_cfg.model_dump(), eval_cfg.max_new_tokens, eval_cfg.batch_size, code_version.fingerprint()])}"
     if not store.exists(key):
         staging = store.staging_dir(key)
         quantized_dir, adapter_dir = store.get_dir(base["quantized"]["key"]), store.get_dir(adapter["key"])
