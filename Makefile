@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	@# the browser test's Chromium, from Debian, only where it is missing (the test skips without it)
 	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium not installed: tests/test_ui.py will be skipped"
+		echo "chromium not installed (needs root and Debian packages): tests/test_ui.py will fail"
 	@touch $@
 
 run: setup
