@@ -43,6 +43,20 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     check = report["merge_check"]
     assert check["compared_with"].startswith("trained") and check["within_tolerance"], check
     assert check["max_logit_diff"] <= check["max_logit_diff_tolerance"]
+    # a published model outside the tolerances fails the merge stage and leaves nothing in the store
+    from slmforge.config import MergeConfig
+    from slmforge.merging import MergeError
+    from tasks.merge import run_merge
+
+    keys = {name: out[name].split(str(tmp_path / "store") + "/", 1)[1] for name in out if name != "publish"
+            and isinstance(out[name], str) and out[name].startswith("file://")}
+    strict = MergeConfig(max_logit_diff=1e-9, min_answer_agreement=0)
+    with pytest.raises(MergeError, match="does not reproduce the trained model"):
+        run_merge({"key": keys["adapter"]}, {"quantized": {"key": keys["quantized"]}, "base": {"key": keys["base"]}},
+                  {"key": keys["dataset"]}, strict, cfg.eval, store, log=lambda m: None, model_cfg=cfg.model)
+    merged_dir = tmp_path / "store" / "merged"
+    assert sorted(p.name for p in merged_dir.iterdir()) == [keys["merged"].split("/", 1)[1]], "left behind"
+
     # the gate's decision is the one the published model's figures call for
     from slmforge.publishing import gate
 
