@@ -36,7 +36,7 @@ def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=prin
     rt = R.for_config(model)
     settings = {"base": base["key"], "4bit": model.load_in_4bit, "quant_type": model.quant_type,
                 "double_quant": model.double_quant, "compute": rt.compute_dtype, "weights": rt.weights_dtype,
-                "device": rt.device}
+                "device": rt.device, "attn": rt.attn}
     key = f"models/quantized/{content_hash([settings, code_version.fingerprint()])}"
     if not store.exists(key):
         base_dir = store.get_dir(base["key"])

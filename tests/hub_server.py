@@ -944,3 +944,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "success": True,
             "hookOutput": "",
         })
+
+
+def use_local_hub(mp, token: str, home: Path) -> None:
+    """Point huggingface_hub at a LocalHub for a test: the token in HF_TOKEN, no Xet, online, its own
+    HF_HOME, and slmforge's push retries without waiting (`mp`: a pytest MonkeyPatch)."""
+    import huggingface_hub.constants as hc
+
+    from slmforge import publishing
+
+    mp.setenv("HF_TOKEN", token)
+    mp.setenv("HF_HUB_DISABLE_XET", "1")
+    mp.setenv("HF_HUB_OFFLINE", "0")
+    mp.setenv("HF_HOME", str(home))
+    mp.setattr(hc, "HF_HUB_DISABLE_XET", True)
+    mp.setattr(hc, "HF_HUB_OFFLINE", False)
+    mp.setattr(publishing, "PUSH_BASE_DELAY", 0.01)

@@ -517,25 +517,18 @@ def test_planted_secrets_appear_in_no_store_file_and_no_log_line(prefect_api, ti
     holds for the run, any artifact, or the console output."""
     import asyncio
 
-    import huggingface_hub.constants as hc
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hub_server import LocalHub
+    from hub_server import LocalHub, use_local_hub
 
     from flows.finetune import finetune
-    from slmforge import publishing as P
     from slmforge.config import load_config
 
-    monkeypatch.setenv("HF_TOKEN", FAKE_HF)
+    use_local_hub(monkeypatch, FAKE_HF, tmp_path / "hf_home")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "faults-test")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(P, "PUSH_BASE_DELAY", 0.01)
     monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
     store_dir = tmp_path / "store"
     with LocalHub(tmp_path / "hub", token=FAKE_HF) as hub:

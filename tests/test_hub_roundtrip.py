@@ -26,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_server import LocalHub  # noqa: E402
+from hub_server import LocalHub, use_local_hub  # noqa: E402
 
 from tasks.storage import sha256_file  # noqa: E402
 
@@ -71,24 +71,16 @@ def _answers(model, tokenizer, records, ev) -> list[str]:
 def pushed(prefect_api, bf16_base_dir, sums_file, tmp_path_factory):
     """One real finetune flow run that pushes the adapter and the merged model to a local Hub, and
     the repo downloaded back with `snapshot_download`."""
-    import huggingface_hub.constants as hc
     from huggingface_hub import snapshot_download
 
     from flows.finetune import finetune
-    from slmforge import publishing as P
     from slmforge.config import load_config
     from tasks.storage import ArtifactStore
 
     tmp = tmp_path_factory.mktemp("roundtrip")
     store_dir = tmp / "store"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_TOKEN", FAKE_HF)
-        mp.setenv("HF_HUB_DISABLE_XET", "1")
-        mp.setenv("HF_HUB_OFFLINE", "0")
-        mp.setenv("HF_HOME", str(tmp / "hf_home"))
-        mp.setattr(hc, "HF_HUB_DISABLE_XET", True)
-        mp.setattr(hc, "HF_HUB_OFFLINE", False)
-        mp.setattr(P, "PUSH_BASE_DELAY", 0.01)
+        use_local_hub(mp, FAKE_HF, tmp / "hf_home")
         mp.setenv("SLMFORGE_CACHE_DIR", str(tmp / "cache"))
         with LocalHub(tmp / "hub", token=FAKE_HF) as hub:
             cfg = load_config(overrides=[
