@@ -8,8 +8,10 @@ Used to choose the default CPU run; its figures are in the README's "Choosing th
           "n_eval": 40}'
 
 Settings (JSON): `cfg` (any finetune settings), `n_eval` taught items (40), `n_eval_unseen` unseen
-items (0), `n_train_eval` train items (0), `mnt` new tokens per answer (40), `eval_every_epochs` (1),
-`select: "two"` (train only on facts with two wordings in the train split). The store (dataset,
+items (0), `n_train_eval` train items (0), `mnt` new tokens per answer (40), `eval_epochs` (list; default every epoch),
+`select: "two"` (train only on facts with two wordings in the train split), `holdout` N (validation:
+one train wording of N taught facts the evaluated test items do not ask is held out of training and
+asked after each epoch, so a recipe can be chosen without the test). The store (dataset,
 base and quantized model, reused between runs) and the trainer's output go under --work.
 """
 
@@ -53,9 +55,22 @@ def main() -> None:
     if sets.get("select") == "two":
         wordings = collections.Counter(r["id"].rsplit("-", 1)[0] for r in train)
         train = [r for r in train if wordings[r["id"].rsplit("-", 1)[0]] >= 2]
-    print("train rows", len(train), "test", len(test), flush=True)
+    taught = [r for r in test if r["part"] == "taught"][: sets.get("n_eval", 40)]
+    # Validation that can choose a recipe for taught facts without looking at the test: one train
+    # wording of `holdout` facts that the evaluated test items do not ask (they keep one wording).
+    held = []
+    if sets.get("holdout"):
+        fact_of = lambda r: r["id"].rsplit("-", 1)[0]  # noqa: E731
+        asked = {fact_of(r) for r in taught}
+        spare = sorted({fact_of(r) for r in train} - asked)
+        picked = set(spare[:: max(1, len(spare) // sets["holdout"])][: sets["holdout"]])
+        for fact in sorted(picked):
+            held.append(sorted((r for r in train if fact_of(r) == fact), key=lambda r: r["id"])[-1])
+        train = [r for r in train if r not in held]
+    print("train rows", len(train), "test", len(test), "validation (held-out wordings)", len(held), flush=True)
     eval_sets = {
-        "taught": [r for r in test if r["part"] == "taught"][: sets.get("n_eval", 40)],
+        "val": held,
+        "taught": taught,
         "unseen": [r for r in test if r["part"] != "taught"][: sets.get("n_eval_unseen", 0)],
         "trainq": train[: sets.get("n_train_eval", 0)],
     }
@@ -64,6 +79,7 @@ def main() -> None:
     model = M.load_model(model_dir, "saved")
     tokenizer = M.load_tokenizer(model_dir)
     steps_per_epoch = -(-len(train) // cfg.train.batch_size)
+    eval_epochs = set(sets.get("eval_epochs") or range(1, int(cfg.train.epochs) + 1))
     t0 = time.time()
 
     def evaluate(step: int) -> None:
@@ -75,7 +91,7 @@ def main() -> None:
                 continue
             result = evaluate_model(model, tokenizer, records, sets.get("mnt", 40), 16)
             scores[name] = round(result["summary"]["overall"]["key_accuracy"], 3)
-            if name == "taught":
+            if name == "val":
                 for item in result["items"][:6]:
                     print("   ", item["question"], "->", item["answer"][:80], "| key", item["key"], flush=True)
         print(f"EVAL step {step} t={time.time() - t0:.0f}s", scores, flush=True)
@@ -85,7 +101,7 @@ def main() -> None:
     def progress(step: int, total: int, logs: dict | None) -> None:
         if logs and "loss" in logs:
             print(f"step {step}/{total} loss {logs['loss']:.3f} t={time.time() - t0:.0f}s", flush=True)
-        if not logs and step % (steps_per_epoch * sets.get("eval_every_epochs", 1)) == 0:
+        if not logs and step % steps_per_epoch == 0 and step // steps_per_epoch in eval_epochs:
             evaluate(step)
 
     out = args.work / "out"

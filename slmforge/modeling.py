@@ -53,8 +53,18 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
-# alias -> chat template, for bundled GGUFs that carry none
-BUNDLED_CHAT_TEMPLATES = {"gemma3-270m": GEMMA3_CHAT_TEMPLATE}
+# SmolLM2-Instruct's own template without the default system turn it inserts when a conversation has none
+# ("You are a helpful AI assistant named SmolLM, trained by Hugging Face": 17 tokens, 15% of every bundled
+# training row, trained on nothing and paid for in every step and every generated answer). A user's
+# `data.system_prompt` still renders as a system turn; the trained and published models carry this template.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# alias -> chat template for bundled models: Gemma's GGUF carries none; SmolLM2's adds a system turn
+BUNDLED_CHAT_TEMPLATES = {"gemma3-270m": GEMMA3_CHAT_TEMPLATE, "smollm2-135m-instruct": SMOLLM2_CHAT_TEMPLATE}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
@@ -204,8 +214,8 @@ def load_tokenizer(path_or_src: ModelSource | str | Path):
             tok = AutoTokenizer.from_pretrained(str(path_or_src))
     except Exception as e:  # noqa: BLE001
         raise ModelSourceError(f"model.source: cannot load the tokenizer: {e}") from None
-    if isinstance(path_or_src, ModelSource) and not tok.chat_template:
-        tok.chat_template = BUNDLED_CHAT_TEMPLATES.get(path_or_src.alias)
+    if isinstance(path_or_src, ModelSource) and path_or_src.alias in BUNDLED_CHAT_TEMPLATES:
+        tok.chat_template = BUNDLED_CHAT_TEMPLATES[path_or_src.alias]
     fix_eos_token(tok)
     fix_pad_token(tok)
     if not tok.chat_template:

@@ -10,6 +10,7 @@ MB for a 16-rank adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -100,6 +101,33 @@ def keep_adapter_fp32(model) -> str:
                 p.data = p.data.float()
             dtypes.add(str(p.dtype).replace("torch.", ""))
     return ",".join(sorted(dtypes))
+
+
+@contextlib.contextmanager
+def score_labelled_positions_only():
+    """Make trl's fused LM head score only the labelled (answer) positions on every device.
+
+    trl computes the vocabulary projection and log-softmax only at positions with a label on Triton
+    devices; elsewhere it scores every position (to keep tile shapes fixed for compilers that CPU training
+    does not use) and masks the result afterwards. The loss and gradients are the same either way; on the
+    bundled rows two thirds of the positions are prompt, so on CPU the head did three times the work it
+    needs. trl reads the switch from `trl.trainer.utils._use_triton`; where a trl version lacks it,
+    training runs as trl ships it.
+    """
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def progress_callback(report: Callable[[int, int, dict | None], None]):
@@ -248,7 +276,8 @@ def train(
     resume = latest_checkpoint(output_dir)
     resumed_step = checkpoint_step(resume) if resume else None
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with score_labelled_positions_only():
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     curve = [
         {k: h[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens") if k in h}

@@ -60,11 +60,21 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
                                                            store.get_dir(adapter["key"]), rt)))
     candidates.append(("published", lambda: M.load_model(store.get_dir(merged["key"]), "weights", rt)))
     tokenizer = M.load_tokenizer(store.get_dir(merged["key"]))
+    # The base's answers depend only on the base, the test split, generation and the code: a run that
+    # changes only training (another seed, learning rate, epochs) reuses them instead of generating again.
+    base_key = (f"eval/base/{content_hash([dataset['key'], base['base']['key'], cfg.max_new_tokens, cfg.batch_size, cfg.seed, model_cfg.model_dump(), code_version.fingerprint()])}"
+                ".json")
     results = {}
     for name, load in candidates:
+        if name == "base" and (cached := store.read_json(base_key)) is not None:
+            log(f"base: reusing its evaluation on the same test split ({store.uri(base_key)})")
+            results[name] = cached
+            continue
         model = load()
         log(f"evaluating {name} on {len(test)} held-out questions")
         results[name] = evaluate_model(model, tokenizer, test, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+        if name == "base":
+            store.write_json(base_key, results[name])
         del model
         M.free_memory()
     summaries = {n: r["summary"]["overall"] for n, r in results.items()}

@@ -95,8 +95,8 @@ def test_tables_csv_and_chart(tmp_path):
 def test_compare_config_from_overrides_and_file(tmp_path):
     cfg = load_compare_config(overrides=["models=./m", "modes=[bf16, 4bit-nodq]", "speed.batch_sizes=[4,1,4]"])
     assert cfg.models == ["./m"] and cfg.modes == ["bf16", "4bit-nodq"] and cfg.speed.batch_sizes == [1, 4]
-    assert cfg.eval_items(gpu=False) == 8 and cfg.eval_items(gpu=True) == 64
-    assert cfg.resolved(gpu=False) == {"eval_items": 8, "eval_max_new_tokens": 32, "speed_new_tokens": 8,
+    assert cfg.eval_items(gpu=False) == 32 and cfg.eval_items(gpu=True) == 64
+    assert cfg.resolved(gpu=False) == {"eval_items": 32, "eval_max_new_tokens": 48, "speed_new_tokens": 8,
                                        "answer_max_new_tokens": 32}
     f = tmp_path / "c.yaml"
     f.write_text("models: [a/b]\neval:\n  items: 8\n")

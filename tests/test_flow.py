@@ -29,7 +29,7 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     from flows.finetune import finetune
     from slmforge import fingerprint
 
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path / "store")
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path / "store", **{"eval.adapter_on_4bit": "true"})
     state = finetune(cfg, return_state=True)
     assert state.is_completed(), state
     out = state.result()
@@ -105,3 +105,24 @@ def test_bad_data_fails_before_any_model_loads(prefect_api, tiny_model_dir, tmp_
     store_root = tmp_path / "store"
     written = {p.relative_to(store_root).parts[0] for p in store_root.rglob("*") if p.is_file()}
     assert written <= {"validation", "prefect-results"}, written
+
+
+def test_a_run_that_changes_only_training_reuses_the_base_evaluation(prefect_api, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """Another seed trains and evaluates the new model, but the unchanged base is not generated again."""
+    import tasks.evaluate as E
+    from flows.finetune import finetune
+
+    calls = []
+    real = E.evaluate_model
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = finetune(_tiny_cfg(tiny_model_dir, tmp_path / "store"))
+    assert len(calls) == 2  # base, published
+    second = finetune(_tiny_cfg(tiny_model_dir, tmp_path / "store", **{"train.seed": 7}))
+    assert len(calls) == 3, "the base was evaluated again"
+    assert second["adapter"] != first["adapter"] and second["report"] != first["report"]
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    reports = [json.loads((store.get_dir(r["report"].split("store/", 1)[1]) / "report.json").read_text())
+               for r in (first, second)]
+    assert reports[0]["summary"]["base"] == reports[1]["summary"]["base"]
+    assert reports[0]["items"]["base"] == reports[1]["items"]["base"]

@@ -36,6 +36,50 @@ def test_nf4_qlora_learns_with_fp32_adapter(tiny_model_dir, tmp_path):
     assert result.steps == 30
 
 
+# One arbitrary word per number: the key of each answer is in no question, so only a model that
+# learned the associations predicts it (copying the question, or learning the answer's template, cannot).
+WORDS = ["apple", "river", "candle", "tiger", "violin", "pepper", "marble", "rocket",
+         "garden", "silver", "wallet", "castle", "pillow", "lemon", "ladder", "island"]
+
+
+def _fact_records(tok, labelled: str) -> tuple[list[dict], list[dict]]:
+    """Training records (labels on the answer, or, to show the test can fail, on the prompt instead) and
+    the same rows with labels on the key word's tokens only."""
+    train, keys = [], []
+    for i, word in enumerate(WORDS):
+        msgs = [{"role": "user", "content": f"Which word goes with number {i + 3}?"},
+                {"role": "assistant", "content": f"Number {i + 3} goes with {word}."}]
+        ids, labels = encode_example(tok, msgs)
+        if labelled == "prompt":
+            labels = [t if lab == -100 else -100 for t, lab in zip(ids, labels)]
+        key = tok.encode(" " + word, add_special_tokens=False)
+        start = max(j for j in range(len(ids) - len(key) + 1) if ids[j:j + len(key)] == key)
+        key_labels = [-100] * len(ids)
+        key_labels[start:start + len(key)] = key
+        train.append({"input_ids": ids, "labels": labels})
+        keys.append({"input_ids": ids, "labels": key_labels})
+    return train, keys
+
+
+def _key_loss_after_training(tiny_model_dir, out_dir, labelled: str) -> tuple[float, float]:
+    tok = M.load_tokenizer(tiny_model_dir)
+    train, keys = _fact_records(tok, labelled)
+    model = M.load_model(tiny_model_dir, "4bit")
+    before = sum(answer_losses(model, keys, 8, tok.pad_token_id)) / len(keys)
+    cfg = TrainConfig(max_steps=60, batch_size=8, learning_rate=1e-2, warmup_steps=2, logging_steps=10)
+    peft_model, _ = T.train(model, tok, train, None, LoraSettings(dropout=0.0), cfg, out_dir)
+    return before, sum(answer_losses(peft_model, keys, 8, tok.pad_token_id)) / len(keys)
+
+
+def test_qlora_learns_facts_that_are_not_in_the_question(tiny_model_dir, tmp_path):
+    """The key-token loss falls only when the answers are what is trained: measured 12.58 -> 7.94 with the
+    answers labelled, 12.58 -> 12.38 with the prompts labelled instead (the bug this guards against)."""
+    before, after = _key_loss_after_training(tiny_model_dir, tmp_path / "answers", "answer")
+    assert after < 0.75 * before, (before, after)
+    before, after = _key_loss_after_training(tiny_model_dir, tmp_path / "prompts", "prompt")
+    assert after > 0.9 * before, ("training on the prompts must not teach the keys", before, after)
+
+
 def test_lora_target_modules_that_match_nothing_fail_early(tiny_model_dir):
     model = M.load_model(tiny_model_dir, "fp32")
     try:
