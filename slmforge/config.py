@@ -27,7 +27,7 @@ class DataConfig(_Section):
     source: str = Field(
         "bundled:korean-qa-quick",
         description="`bundled:korean-qa` (464 train rows), `bundled:korean-qa-quick` (only the 132 train rows of the "
-        "66 facts the test asks again in new wording: a CPU run of minutes can learn them), a local/object-store (s3://…) JSONL/JSON/CSV/TSV/Parquet file, or "
+        "66 facts the test asks again in new wording, and no validation split: a CPU run of minutes can learn them), a local/object-store (s3://…) JSONL/JSON/CSV/TSV/Parquet file, or "
         "`hf:<dataset id, local data dir or save_to_disk dir>`.",
     )
     split: str = Field("train", description="Split to read for a Hugging Face dataset source.")
@@ -93,8 +93,8 @@ class LoraSettings(_Section):
 class TrainConfig(_Section):
     """Optimisation. CPU-sized by default; the README lists the tutorial's GPU recipe."""
 
-    epochs: float = Field(6.0, gt=0, description="Passes over the training split (ignored if max_steps > 0). A 135M "
-                          "model needs five to six passes over a fact to answer it asked in a new wording (README: "
+    epochs: float = Field(5.0, gt=0, description="Passes over the training split (ignored if max_steps > 0). A 135M "
+                          "model needs about five passes over a fact to answer it asked in a new wording (README: "
                           "Choosing the defaults).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
     batch_size: int = Field(4, ge=1, description="Micro-batch per step.")
@@ -108,7 +108,7 @@ class TrainConfig(_Section):
         "auto", description="Recompute activations to save memory; `auto` = on for GPU, off on CPU."
     )
     packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
-    logging_steps: int = Field(1, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
     save_steps: int = Field(
         50, ge=1, description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
         "every N optimizer steps; a retried or re-run training resumes from the latest one.")

@@ -237,7 +237,7 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
     def progress(step: int, total: int, logs: dict | None) -> None:
         if logs:
             logger.info("step %d/%d loss %.4f lr %.2e", step, total, logs["loss"], logs.get("learning_rate", 0))
-        pct = round(100 * step / max(total, 1))
+        pct = 5 * (100 * step // max(total, 1) // 5)  # 20 updates: each one is a call to the Prefect API
         if pct != last["pct"]:
             last["pct"] = pct
             update_progress_artifact(artifact_id=artifact, progress=pct)
