@@ -12,6 +12,9 @@ from tasks.storage import ArtifactStore
 pytestmark = pytest.mark.slow
 
 BUNDLED = PROJECT_DIR / "data" / "korean_qa"
+# Measured (published minus base key accuracy on the 16 held-out wordings): see the README's "Results
+# of a real run"; a model trained for one step scores 0.
+FLOOR = 3 / 16  # measured 6/16 (seed 42, AVX512-bf16 CPU); one training step: 0/16
 
 
 def taught_subset(path, every: int = 4, n: int = 16):
@@ -37,7 +40,7 @@ def test_bundled_smollm2_learns_the_taught_facts(prefect_api, tmp_path):
     report = json.loads((store.get_dir(out["report"].split("store/", 1)[1]) / "report.json").read_text())
     base, published = report["summary"]["base"]["overall"], report["summary"]["published"]["overall"]
     assert published["n"] == n == 16
-    # Floor from measurements (see FLOOR_NOTE): the base knows none of these facts in this form;
+    # Floor from measurements (see FLOOR): the base knows none of these facts in this form;
     # one training step teaches none; the default recipe teaches most.
     assert base["key_accuracy"] <= 1 / 16
     assert published["key_accuracy"] - base["key_accuracy"] >= FLOOR, (base, published, [
