@@ -412,9 +412,10 @@ def test_labels_fall_on_the_answer_and_eos_only(tok):
     text = tok.decode(labelled)
     assert text.startswith("6 더하기 6은 12입니다.")
     assert tok.eos_token_id in labelled  # the model learns to stop
-    # the system prompt and the question carry no loss
+    # the question carries no loss, and the bundled template adds no system turn nobody asked for
     prompt = [t for t, lab in zip(ids, labels) if lab == -100]
-    assert "더하기 6은?" in tok.decode(prompt) and "SmolLM" in tok.decode(prompt)
+    assert "더하기 6은?" in tok.decode(prompt)
+    assert "system" not in tok.decode(ids) and "SmolLM" not in tok.decode(ids)
     # the pieces concatenate to exactly the template's rendering
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
 
