@@ -1,5 +1,5 @@
 """How fast does QLoRA teach the facts? Trains the bundled model with the given settings and prints
-key accuracy on the test's taught items after every epoch (greedy, adapter on the 4-bit base).
+key accuracy (and answer loss) on the test's taught items after every epoch (greedy, adapter on the 4-bit base).
 Used to choose the default CPU run; its figures are in the README's "Choosing the defaults".
 
     .venv/bin/python benchmarks/key_accuracy_sweep.py --work /tmp/sweep \\
@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slmforge import modeling as M  # noqa: E402
 from slmforge import training as T  # noqa: E402
 from slmforge.config import FinetuneConfig  # noqa: E402
-from slmforge.data import read_jsonl  # noqa: E402
+from slmforge.records import read_jsonl  # noqa: E402
 from slmforge.evaluation import evaluate_model  # noqa: E402
 from tasks.dataset import prepare  # noqa: E402
 from tasks.model import materialise_base, quantize_base  # noqa: E402
-from tasks.storage import ArtifactStore  # noqa: E402
+from slmforge.storage import ArtifactStore  # noqa: E402
 
 
 def main() -> None:
@@ -89,8 +89,10 @@ def main() -> None:
         for name, records in eval_sets.items():
             if not records:
                 continue
-            result = evaluate_model(model, tokenizer, records, sets.get("mnt", 40), 16)
-            scores[name] = round(result["summary"]["overall"]["key_accuracy"], 3)
+            result = evaluate_model(model, tokenizer, records, sets.get("mnt", 40), 32)
+            overall = result["summary"]["overall"]
+            scores[name] = round(overall["key_accuracy"], 3)
+            scores[f"{name} loss"] = round(overall["answer_loss"], 3)
             if name == "val":
                 for item in result["items"][:6]:
                     print("   ", item["question"], "->", item["answer"][:80], "| key", item["key"], flush=True)
