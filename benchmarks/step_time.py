@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slmforge import modeling as M  # noqa: E402
 from slmforge import training as T  # noqa: E402
 from slmforge.config import FinetuneConfig  # noqa: E402
-from slmforge.data import read_jsonl  # noqa: E402
+from slmforge.records import read_jsonl  # noqa: E402
 from tasks.dataset import prepare  # noqa: E402
 from tasks.model import materialise_base, quantize_base  # noqa: E402
-from tasks.storage import ArtifactStore  # noqa: E402
+from slmforge.storage import ArtifactStore  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ variant), alternating a, b, c, a, b, c ... for --rounds rounds:
      prepare_model_for_kbit_training, LoRA r=16 all-linear with modules_to_save=[lm_head,
      embed_tokens], micro-batch x accumulation, gradient checkpointing, lr 2e-4 cosine.
   b  the pipeline's training core, slmforge.training.train(), with the same settings, on the
-     pipeline's pre-tokenised records (slmforge.data.tokenize_split): orchestration overhead.
+     pipeline's pre-tokenised records (slmforge.records.tokenize_split): orchestration overhead.
   c  slmforge.training.train() with the pipeline's own defaults (TrainConfig(), LoraSettings():
      no modules_to_save, gradient checkpointing "auto", lr 1e-3, no packing) at the same
      effective batch and sequence length.
@@ -498,7 +498,9 @@ def prepare_model(name: str, cache: Path, tokenizer: str | None) -> tuple[Path, 
 def prepare_data(model_dir: Path, max_length: int, work: Path) -> dict:
     """The bundled Korean Q&A train split: messages for (a), pipeline records for (b)/(c)."""
     from slmforge.config import DataConfig
-    from slmforge.data import Report, load_examples, tokenize_split
+    from slmforge.data import load_examples
+    from slmforge.readers import Report
+    from slmforge.records import tokenize_split
     from slmforge.modeling import load_tokenizer
 
     tok = load_tokenizer(model_dir)

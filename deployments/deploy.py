@@ -22,7 +22,6 @@ What it creates:
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 from pathlib import Path
@@ -48,24 +47,6 @@ NOTIFY_BODY = (
     "slmforge: flow run {{ flow_run.name }} of {{ flow.name }}/{{ deployment.name }} "
     "entered {{ flow_run.state.name }}: {{ flow_run.state.message }}\n{{ flow_run|ui_url }}"
 )
-
-
-def has_flow(path: Path, name: str) -> bool:
-    """Whether `path` defines a function `name` decorated with a Prefect `@flow` — read, not imported."""
-    if not path.is_file():
-        return False
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except SyntaxError:
-        return False
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            for d in node.decorator_list:
-                target = d.func if isinstance(d, ast.Call) else d
-                if (isinstance(target, ast.Name) and target.id == "flow") or (
-                        isinstance(target, ast.Attribute) and target.attr == "flow"):
-                    return True
-    return False
 
 
 def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: str | None,
@@ -254,21 +235,18 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         out["deployments"]["finetune/nightly"] = str(nightly_id)
         log(f"deployment finetune/{NIGHTLY}: cron {cron!r} ({timezone}) on work pool {pool!r}")
 
-        if has_flow(source / "flows" / "compare.py", "compare"):
-            from slmforge.compare_config import CompareConfig
+        from slmforge.compare_config import CompareConfig
 
-            compare = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare")
-            compare_id = compare.deploy(
-                name=ON_DEMAND, work_pool_name=pool, parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")},
-                tags=TAGS + ["compare"],
-                description="Compare small LMs in bf16 / 8-bit / 4-bit on quality, memory and speed; "
-                            "report, CSV/JSON and chart in the store. Run it from the UI or "
-                            "`prefect deployment run compare/on-demand`.",
-                version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
-            out["deployments"]["compare/on-demand"] = str(compare_id)
-            log(f"deployment compare/{ON_DEMAND}: on demand, work pool {pool!r}")
-        else:
-            log("compare/on-demand: flows/compare.py has no `compare` flow yet; not deployed")
+        compare = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare")
+        compare_id = compare.deploy(
+            name=ON_DEMAND, work_pool_name=pool, parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")},
+            tags=TAGS + ["compare"],
+            description="Compare small LMs in bf16 / 8-bit / 4-bit on quality, memory and speed; "
+                        "report, CSV/JSON and chart in the store. Run it from the UI or "
+                        "`prefect deployment run compare/on-demand`.",
+            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
+        out["deployments"]["compare/on-demand"] = str(compare_id)
+        log(f"deployment compare/{ON_DEMAND}: on demand, work pool {pool!r}")
 
         out["rerun_automation"] = ensure_crash_rerun(client, list(out["deployments"].values()), log=log)
         out["automation"] = ensure_automation(client, nightly_id, webhook_url, log=log)

@@ -87,7 +87,7 @@ def _add_stack_commands(sub) -> None:
 
 
 def _stack_settings(args):
-    from slmforge.stack import DEFAULT_STATE_DIR, StackSettings
+    from deployments.stack import DEFAULT_STATE_DIR, StackSettings
 
     state_dir = args.state_dir or os.environ.get("SLMFORGE_STACK_DIR") or DEFAULT_STATE_DIR
     if args.command == "down":
@@ -97,7 +97,7 @@ def _stack_settings(args):
 
 
 def cmd_up(args) -> int:
-    from slmforge.stack import StackError, how_to_use, up
+    from deployments.stack import StackError, how_to_use, up
 
     settings = _stack_settings(args)
     try:
@@ -110,7 +110,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from slmforge.stack import StackError, down
+    from deployments.stack import StackError, down
 
     try:
         down(_stack_settings(args))
@@ -129,7 +129,7 @@ def cmd_finetune(args) -> int:
 
     from slmforge.data import DataError
     from slmforge.modeling import ModelSourceError
-    from tasks.storage import ArtifactStore, StoreError
+    from slmforge.storage import ArtifactStore, StoreError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -146,7 +146,7 @@ def cmd_finetune(args) -> int:
         store = ArtifactStore.from_config(cfg.storage)
         store.check_writable()
         validate_data(cfg.data, store)  # bad data fails in seconds, before the model config is read
-        check_inputs(cfg)
+        check_inputs(cfg, store_checked=True)
     except (ConfigError, DataError, ModelSourceError, StoreError) as e:
         return _fail(str(e))
 
@@ -172,7 +172,7 @@ def cmd_compare(args) -> int:
 
     from slmforge.compare_config import load_compare_config
     from slmforge.data import DataError
-    from tasks.storage import ArtifactStore, StoreError
+    from slmforge.storage import ArtifactStore, StoreError
 
     try:
         cfg = load_compare_config(args.config, args.overrides)

@@ -19,7 +19,7 @@ from slmforge.modeling import on_gpu
 from tasks.compare import (benchmark, compare_key, compare_report, error_row, prepare_eval_set,
                            resolve_model)
 from tasks.gpu import limit_exists
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
 
 
 def _failure(state) -> str:

@@ -28,16 +28,10 @@ How each number is taken:
 
 from __future__ import annotations
 
-import csv
-import ctypes
-import ctypes.util
-import io
 import logging
 import math
 import os
-import re
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -45,9 +39,12 @@ from pathlib import Path
 
 import torch
 
+from slmforge.records import generation_prompt_ids
+from slmforge.evaluation import left_pad
+from slmforge.peak_memory import PeakMemory, trim_malloc
+from slmforge.report import MB, fmt_ms, fmt_num, fmt_pct
 from slmforge.runtime import Runtime
 
-MB = 1e6  # report megabytes as 10^6 bytes, like get_memory_footprint()/1e6 in the tutorial
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -78,117 +75,6 @@ def generation_timing(t_start: float, token_times: Sequence[float], batch_size: 
             "total_s": total_s, "e2e_tokens_per_s": batch_size * len(token_times) / total_s if total_s > 0 else None}
 
 
-# -- memory ------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb * 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS. False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
-
-
-def trim_malloc() -> None:
-    """Hand memory freed by Python/torch back to the OS (glibc keeps it otherwise, and the next
-    model would reuse it without raising the RSS, hiding its cost)."""
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory over a block, relative to its start; `mark(name)` records the peak so far.
-
-    GPU: CUDA peak allocated. CPU: peak RSS delta (see the module docstring). One instance per
-    measured block; they do not nest (both the CUDA peak and VmHWM are process-wide).
-    """
-
-    def __init__(self, sample_interval_s: float = 0.005):
-        self.cuda = torch.cuda.is_available()
-        self.interval = sample_interval_s
-        self.marks: dict[str, int] = {}
-        self.baseline = 0
-        self.method = ""
-        self._hwm = False
-        self._sampled = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PeakMemory":
-        trim_malloc()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            self.method = "CUDA peak allocated (torch.cuda.max_memory_allocated) minus allocated at start"
-            return self
-        self.baseline = rss_bytes()
-        self._hwm = reset_peak_rss()
-        if self._hwm:
-            self.method = "CPU peak RSS delta: kernel high-water mark VmHWM (reset via /proc/self/clear_refs) minus RSS at start"
-        else:
-            self.method = f"CPU peak RSS delta: RSS sampled every {self.interval * 1000:.0f} ms minus RSS at start"
-            self._sampled = self.baseline
-            self._thread = threading.Thread(target=self._sample, daemon=True, name="peak-rss")
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sampled = max(self._sampled, rss_bytes())
-
-    def peak_bytes(self) -> int:
-        """Absolute peak since the start (CUDA allocated or RSS)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        if self._hwm:
-            return max((_status_kb("VmHWM") or 0) * 1024, rss_bytes())
-        self._sampled = max(self._sampled, rss_bytes())
-        return self._sampled
-
-    def delta_bytes(self) -> int:
-        return max(0, self.peak_bytes() - self.baseline)
-
-    def mark(self, name: str) -> int:
-        self.marks[name] = self.delta_bytes()
-        return self.marks[name]
-
-    def __exit__(self, *exc) -> None:
-        self.marks.setdefault("end", self.delta_bytes())
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1)
-
-
 # -- speed -------------------------------------------------------------------------------------
 
 class TimingStreamer:
@@ -206,18 +92,7 @@ class TimingStreamer:
 
 def chat_prompt_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+    return generation_prompt_ids(tokenizer, messages)
 
 
 def _sync() -> None:
@@ -265,8 +140,8 @@ def measure_speed(model, tokenizer, prompts: Sequence[str], batch_sizes: Sequenc
         }
         if log:
             s = out[str(b)]
-            log(f"batch {b}: TTFT {_ms(s['ttft_s']['median'])} ms, decode "
-                f"{_num(s['decode_tokens_per_s']['median'])} tokens/s (median of {runs})")
+            log(f"batch {b}: TTFT {fmt_ms(s['ttft_s']['median'])} ms, decode "
+                f"{fmt_num(s['decode_tokens_per_s']['median'])} tokens/s (median of {runs})")
     return out
 
 
@@ -359,6 +234,8 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
     (out of memory): then it propagates.
     """
     from slmforge import data as D
+    from slmforge import readers as RD
+    from slmforge import records as RC
     from slmforge import modeling as M
     from slmforge.evaluation import evaluate_model, generate_answers
 
@@ -405,8 +282,8 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
                                              data_cfg.system_prompt, log=lambda m: log(f"{mode}: {m}"))
 
             def quality() -> None:
-                report = D.Report("compare")
-                records = D.tokenize_split(tokenizer, [D.Example(**e) for e in examples], data_cfg, report, "test")
+                report = RD.Report("compare")
+                records = RC.tokenize_split(tokenizer, [D.Example(**e) for e in examples], data_cfg, report, "test")
                 if not records:
                     raise ValueError(f"no evaluation item fits data.max_length={data_cfg.max_length}")
                 result = evaluate_model(model, tokenizer, records, eval_max_new_tokens, eval_batch_size, seed)
@@ -415,8 +292,8 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
                 row["eval_items"] = [{k: it[k] for k in ("id", "answer", "key_accuracy", "char_f1", "answer_loss")}
                                      for it in result["items"]]
                 q = row["quality"]
-                log(f"{mode}: key accuracy {_pct(q.get('key_accuracy'))}, char F1 {_num(q.get('char_f1'), 3)}, "
-                    f"answer loss {_num(q.get('answer_loss'), 3)} on {len(records)} items")
+                log(f"{mode}: key accuracy {fmt_pct(q.get('key_accuracy'))}, char F1 {fmt_num(q.get('char_f1'), 3)}, "
+                    f"answer loss {fmt_num(q.get('answer_loss'), 3)} on {len(records)} items")
 
             def answers() -> None:
                 recs = [{"prompt_ids": chat_prompt_ids(tokenizer, p, data_cfg.system_prompt)} for p in prompts]
@@ -435,205 +312,6 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
         trim_malloc()
     row["status"] = "ok" if not row["errors"] else "partial"
     return row
-
-
-# -- tables, files, chart ----------------------------------------------------------------------
-
-def _ms(s: float | None) -> str:
-    return "–" if s is None else f"{s * 1000:.0f}"
-
-
-def _num(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1%}"
-
-
-def _mb(b: float | None) -> str:
-    return "–" if b is None else f"{b / MB:.0f}"
-
-
-def _with_spread(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
-    if not s or s.get("median") is None:
-        return "–"
-    return f"{s['median'] * scale:.{digits}f} ±{s['spread'] * scale:.{digits}f}"
-
-
-CSV_FIELDS = ["model", "mode", "status", "error", "source", "n_params", "dtype", "device", "attn_implementation",
-              "load_s", "footprint_mb", "estimated_mb", "peak_load_mb", "peak_gen_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
-              "decode_tps_b1", "decode_tps_b1_spread", "decode_tps_bN", "decode_tps_bN_spread", "batch_N",
-              "key_accuracy", "exact_match", "char_f1", "chrf", "answer_loss", "stopped_with_eos", "eval_n"]
-
-
-def _speed_of(row: dict, which: str) -> dict:
-    """'b1' = the smallest batch size measured, 'bN' = the largest."""
-    speed = row.get("speed") or {}
-    if not speed:
-        return {}
-    sizes = sorted(speed.values(), key=lambda s: s["batch_size"])
-    return sizes[0] if which == "b1" else sizes[-1]
-
-
-def flat_row(row: dict) -> dict:
-    """One CSV line per model × mode (numbers in MB, ms, tokens/s; errors joined)."""
-    b1, bn = _speed_of(row, "b1"), _speed_of(row, "bN")
-    q = row.get("quality") or {}
-
-    def r(v, d=3):
-        return None if v is None else round(v, d)
-
-    def med(s, key, scale=1.0):
-        v = (s.get(key) or {}).get("median")
-        return None if v is None else round(v * scale, 3)
-
-    def spr(s, key, scale=1.0):
-        v = (s.get(key) or {}).get("spread")
-        return None if v is None else round(v * scale, 3)
-
-    return {
-        "model": row.get("model"), "mode": row.get("mode"), "status": row.get("status"),
-        "error": "; ".join(row.get("errors") or []) or None, "source": row.get("source_label"),
-        "n_params": row.get("n_params"), "dtype": row.get("dtype"), "device": row.get("device"),
-        "attn_implementation": row.get("attn_implementation"), "load_s": r(row.get("load_s"), 2),
-        "footprint_mb": r((row.get("footprint_bytes") or 0) / MB, 1) if row.get("footprint_bytes") else None,
-        "estimated_mb": r(row["estimated_bytes"] / MB, 1) if row.get("estimated_bytes") else None,
-        "peak_load_mb": r(row["peak_load_bytes"] / MB, 1) if row.get("peak_load_bytes") is not None else None,
-        "peak_gen_mb": r(row["peak_gen_bytes"] / MB, 1) if row.get("peak_gen_bytes") is not None else None,
-        "peak_mb": r(row["peak_bytes"] / MB, 1) if row.get("peak_bytes") is not None else None,
-        "ttft_ms": med(b1, "ttft_s", 1000), "ttft_ms_spread": spr(b1, "ttft_s", 1000),
-        "decode_tps_b1": med(b1, "decode_tokens_per_s"), "decode_tps_b1_spread": spr(b1, "decode_tokens_per_s"),
-        "decode_tps_bN": med(bn, "decode_tokens_per_s"), "decode_tps_bN_spread": spr(bn, "decode_tokens_per_s"),
-        "batch_N": bn.get("batch_size"),
-        "key_accuracy": r(q.get("key_accuracy"), 4), "exact_match": r(q.get("exact_match"), 4),
-        "char_f1": r(q.get("char_f1"), 4), "chrf": r(q.get("chrf"), 4), "answer_loss": r(q.get("answer_loss"), 4),
-        "stopped_with_eos": r(q.get("stopped_with_eos"), 4), "eval_n": q.get("n"),
-    }
-
-
-def display_rows(rows: list[dict]) -> list[dict]:
-    """The human table: one line per model × mode, errors in the last column.
-
-    peak MB is the measured peak through loading and the speed runs (inference at the largest
-    batch); the evaluation's loss pass (full-vocabulary logits) is in the CSV's peak_mb.
-    """
-    sizes = sorted({s["batch_size"] for r in rows for s in (r.get("speed") or {}).values()})
-    n_label = f"tok/s b{sizes[-1]}" if sizes else "tok/s bN"
-    out = []
-    for row in rows:
-        b1, bn = _speed_of(row, "b1"), _speed_of(row, "bN")
-        q = row.get("quality") or {}
-        err = "; ".join(row.get("errors") or [])
-        out.append({
-            "model": row.get("model", "?"), "mode": row.get("mode", "?"),
-            "load s": _num(row.get("load_s")),
-            "footprint MB": _mb(row.get("footprint_bytes")),
-            "est. MB": _mb(row.get("estimated_bytes")),
-            "peak MB": _mb(row.get("peak_gen_bytes")),
-            "TTFT ms": _with_spread(b1.get("ttft_s"), 1000, 0),
-            "tok/s b1": _with_spread(b1.get("decode_tokens_per_s")),
-            n_label: _with_spread(bn.get("decode_tokens_per_s")),
-            "key acc": _pct(q.get("key_accuracy")),
-            "char F1": _num(q.get("char_f1"), 3),
-            "chrF": _num(q.get("chrf"), 3),
-            "ans. loss": _num(q.get("answer_loss"), 3),
-            "attn": row.get("attn_implementation") or "–",
-            "error": (err[:200] + "…") if len(err) > 200 else (err or ""),
-        })
-    return out
-
-
-def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: ("" if v is None else v) for k, v in flat_row(row).items()})
-    return buf.getvalue()
-
-
-def quality_memory_chart(rows: list[dict], path: Path, metric: str = "key_accuracy",
-                         memory: str = "footprint_bytes") -> Path:
-    """Quality (y) vs memory (x), point size = decode tokens/s at batch 1, one label per point.
-
-    Two panels when `metric` is not char F1: key accuracy on a few items is often the same for
-    every model (0% on a CPU's 8 items), and char F1 beside it still shows which model answers better.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [metric] + ([] if metric == "char_f1" else ["char_f1"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.4), dpi=110, squeeze=False)
-    models = sorted({str(r.get("model")) for r in rows})
-    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(models)}
-    drawn: set[str] = set()
-    for ax, m in zip(axes[0], metrics):
-        drawn |= _quality_panel(ax, rows, m, memory, colors)
-    if drawn:
-        from matplotlib.lines import Line2D
-
-        axes[0][0].legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors[n], label=n)
-                                   for n in models if n in drawn], fontsize=7, loc="upper left")
-    fig.suptitle("quality vs memory (point size = decode tokens/s, batch 1)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _quality_panel(ax, rows: list[dict], metric: str, memory: str, colors: dict) -> set[str]:
-    """One scatter of `metric` against `memory`; returns the models it drew."""
-    points = []
-    for row in rows:
-        q = (row.get("quality") or {}).get(metric)
-        m = row.get(memory)
-        if q is None or m is None:
-            continue
-        tps = (_speed_of(row, "b1").get("decode_tokens_per_s") or {}).get("median") or 0.0
-        points.append((m / MB, q, tps, str(row.get("model")), str(row.get("mode"))))
-    label = metric.replace("_", " ")
-    ax.set_xlabel("memory footprint (MB)" if memory == "footprint_bytes" else "measured peak (MB)")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    if not points:
-        ax.text(0.5, 0.5, f"no model produced both {label} and a memory figure", ha="center",
-                transform=ax.transAxes)
-        return set()
-    if metric != "answer_loss":
-        ax.set_ylim(-0.05, 1.05)
-    top = max(p[2] for p in points) or 1.0
-    xs = [p[0] for p in points]
-    pad = max(1.0, (max(xs) - min(xs)) * 0.15)
-    lo, hi = max(0.0, min(xs) - pad), max(xs) + pad * 2
-    ax.set_xlim(lo, hi)
-    placed: list[tuple[float, float, int]] = []
-    for x, y, tps, name, mode in sorted(points, key=lambda p: (p[1], p[0])):
-        # hollow markers, so a point on top of another (same size and score) still shows both rings
-        ax.scatter([x], [y], s=40 + 460 * (tps / top), facecolors="none", edgecolors=colors[name], linewidths=1.6)
-        # a label goes on the lowest line no nearby label uses; the model is the colour (legend)
-        used = {lvl for px, py, lvl in placed if abs(px - x) < 0.22 * (hi - lo) and abs(py - y) < 0.06}
-        k = next(i for i in range(len(placed) + 1) if i not in used)
-        placed.append((x, y, k))
-        ax.annotate(f"{mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
-                    xytext=(10, 4 + 10 * k), fontsize=7, color=colors[name])
-    return {p[3] for p in points}
-
-
-def prompt_answer_tables(rows: list[dict], prompts: Sequence[str]) -> list[tuple[str, list[dict]]]:
-    """For each prompt: a table of (model, mode, answer) — the answers side by side."""
-    out = []
-    for i, prompt in enumerate(prompts):
-        table = []
-        for row in rows:
-            answers = row.get("answers") or []
-            if i < len(answers):
-                table.append({"model": row.get("model"), "mode": row.get("mode"),
-                              "answer": answers[i]["answer"][:300] or "(empty)"})
-        out.append((prompt, table))
-    return out
 
 
 @contextmanager

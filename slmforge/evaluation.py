@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
@@ -15,6 +16,17 @@ METRICS = ("key_accuracy", "exact_match", "char_f1", "chrf", "answer_chars", "st
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts padded on the left (decoder-only generation continues on the right), and its mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 @torch.no_grad()
@@ -28,13 +40,8 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
     out: list[dict] = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        width = max(len(r["prompt_ids"]) for r in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            n = len(r["prompt_ids"])
-            ids[i, width - n:] = torch.tensor(r["prompt_ids"])
-            mask[i, width - n:] = 1
+        ids, mask = left_pad([r["prompt_ids"] for r in batch], pad_id)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,

@@ -9,7 +9,6 @@ that checkpoint, in bf16 or through bitsandbytes.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from slmforge.runtime import Runtime, decide
+from slmforge.storage import sha256_file
 
 # alias -> (package that ships the file, GGUF file name, licence of the weights, install command).
 # The file lies inside the package (SmolLM2), or the package ships it in chunks (its own deps) and an
@@ -129,14 +129,6 @@ def bundled_cache_dir() -> Path:
     return Path(env).expanduser() / "bundled" if env else Path.home() / ".cache" / "slmforge" / "bundled"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _assemble_bundled(alias: str, module, filename: str, install: str) -> Path:
     """Join a package's chunks into one GGUF in the cache, once: into a temp file beside the target,
     checked against the package's EXPECTED_SHA256 where it has one, then renamed into place; a
@@ -168,7 +160,7 @@ def _assemble_bundled(alias: str, module, filename: str, install: str) -> Path:
     tmp = Path(tmp_name)
     try:
         module.assemble(output_path=tmp, overwrite=True)
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         if expected is not None and digest != expected:
             raise ModelSourceError(f"model.source: bundled model {alias!r} assembled with SHA-256 {digest}, "
                                    f"expected {expected}; reinstall with `{install}`")

@@ -1,6 +1,6 @@
 """The quality gate, the model card, and the push to the Hugging Face Hub.
 
-No Prefect at import time (the Secret block is imported lazily), so this runs on a bare machine.
+No Prefect: the Hub token is resolved by `tasks.secrets` and passed in, so this runs on a bare machine.
 The token is passed in, never logged, and every message that leaves this module goes through
 `redact_text` first.
 """
@@ -35,17 +35,17 @@ class PublishError(RuntimeError):
 
 
 # -- the gate ---------------------------------------------------------------------------------
-def gate(primary: str, tuned: float | None, base: float | None, min_improvement: float,
+def gate(primary: str, candidate: float | None, base: float | None, min_improvement: float,
          last_published: float | None) -> tuple[bool, str]:
     """Publish only a clear improvement over the base that is no worse than what is already out."""
-    if tuned is None or base is None:
+    if candidate is None or base is None:
         return False, f"not published: {primary} could not be computed (no key facts in the test split?)"
-    if tuned < base + min_improvement:
-        return False, (f"not published: {primary} {tuned:.3f} does not beat the base {base:.3f} "
+    if candidate < base + min_improvement:
+        return False, (f"not published: {primary} {candidate:.3f} does not beat the base {base:.3f} "
                        f"by the required {min_improvement:.3f}")
-    if last_published is not None and tuned < last_published:
-        return False, f"not published: {primary} {tuned:.3f} is below the last published {last_published:.3f}"
-    return True, f"passed: {primary} {base:.3f} → {tuned:.3f}" + (
+    if last_published is not None and candidate < last_published:
+        return False, f"not published: {primary} {candidate:.3f} is below the last published {last_published:.3f}"
+    return True, f"passed: {primary} {base:.3f} → {candidate:.3f}" + (
         f" (last published {last_published:.3f})" if last_published is not None else "")
 
 
@@ -75,7 +75,7 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
     """README.md: Hub metadata (base_model, library_name: peft, licence, datasets, model-index with
     the published model's metrics), the before/after tables, how to load it, the training config, the data
     fingerprint and the Prefect flow run it came from."""
-    tuned = summaries["published"]["overall"]
+    published = summaries["published"]["overall"]
     repo = repo_id or "<user>/<repo>"
     ds = dataset_name(dataset)
     meta: dict = {}
@@ -94,8 +94,8 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
                 "task": {"type": "text-generation", "name": "Question answering"},
                 "dataset": {"name": ds, "type": ds, "split": "test"},
                 "metrics": [
-                    {"type": name, "name": name.replace("_", " "), "value": round(float(tuned[name]), 4)}
-                    for name in CARD_METRICS if tuned.get(name) is not None
+                    {"type": name, "name": name.replace("_", " "), "value": round(float(published[name]), 4)}
+                    for name in CARD_METRICS if published.get(name) is not None
                 ],
             }],
         }],
@@ -190,31 +190,6 @@ def commit_message(template: str | None, run: str | None, primary: str, base: fl
         return template.format(**values)
     except (KeyError, IndexError, ValueError):
         return template
-
-
-# -- the token --------------------------------------------------------------------------------
-def hub_token_source(secret_block: str | None) -> tuple[str | None, str]:
-    """(token, where it came from): a Prefect Secret block if one of that name exists, else HF_TOKEN.
-    The description names the source, never the value."""
-    if secret_block:
-        try:
-            from prefect.blocks.system import Secret
-
-            value = Secret.load(secret_block, _sync=True).get()
-            if isinstance(value, str) and value.strip():
-                return value.strip(), f"Prefect Secret block {secret_block!r}"
-        except Exception:  # noqa: BLE001 - no block, no API: fall back to the environment
-            pass
-    env = (os.environ.get("HF_TOKEN") or "").strip()
-    if env:
-        return env, "HF_TOKEN"
-    where = f"Prefect Secret block {secret_block!r} or HF_TOKEN" if secret_block else "HF_TOKEN"
-    return None, where
-
-
-def hub_token(secret_block: str | None) -> str | None:
-    """The Hub token: a Prefect Secret block if one of that name exists, else HF_TOKEN. Never logged."""
-    return hub_token_source(secret_block)[0]
 
 
 # -- keeping secrets out ----------------------------------------------------------------------

@@ -1,34 +1,21 @@
 """Model selection guide: the tutorial's catalog comparison (§2.3) and §9 flowchart as code.
 
 Why: the tutorial answers "which small LLM?" with a flowchart and a rule-of-thumb memory table.
-Here the flowchart picks the candidate families, and the architecture-based estimates in
+The catalog and its comparison are
+:mod:`slmforge.catalog`. Here the flowchart picks the candidate families, and the architecture-based estimates in
 :mod:`slmforge.memory` decide what actually fits, at which precision, for inference and for
 QLoRA. Everything works offline from ``data/model_catalog.yaml``; the Hub is read only when
-``compare_models(..., use_hub=True)`` asks for it.
+``slmforge.catalog.compare_models(..., use_hub=True)`` asks for it.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .memory import (
-    GB,
-    ModelShape,
-    inference_bytes,
-    kv_cache_bytes,
-    normalize_precision,
-    parse_param_count,
-    qlora_training_bytes,
-    weight_bytes,
-)
-
-#: repo's data/model_catalog.yaml (this file's parent's parent).
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "data" / "model_catalog.yaml"
+from slmforge.catalog import QLORA_RECIPE, fmt_float, fmt_params, load_catalog, normalize_use_case, text_table
+from slmforge.memory import GB, inference_bytes, normalize_precision, qlora_training_bytes
+from slmforge.model_shape import ModelShape, parse_param_count
 
 #: §9: "memory < 8 GB?" → the small branch; "small" = up to 2 B parameters (SmolLM2-1.7B,
 #: Qwen2.5-1.5B, Llama-3.2-1B, and the 1.5B specialists; not Gemma-2-2B at 2.6 B).
@@ -39,20 +26,6 @@ SMALL_MAX_PARAMS = 2.0e9
 #: torch.cuda.max_memory_allocated does not).
 DEFAULT_OVERHEAD_GB = 0.5
 
-#: QLoRA recipe used for the training estimate (tutorial §5.3); the rest of
-#: :func:`slmforge.memory.lora_training_bytes`'s defaults are its conservative ones (fp32
-#: adapters, fp32 non-quantized params after prepare_model_for_kbit_training, full logits).
-QLORA_RECIPE = {"r": 16, "seq_len": 512, "batch_size": 4, "gradient_checkpointing": True}
-
-USE_CASE_ALIASES = {
-    "general": "general", "chat": "general", "general_chat": "general", "general-chat": "general",
-    "coding": "coding", "code": "coding", "coder": "coding",
-    "math": "math", "reasoning": "math", "math/reasoning": "math", "math-reasoning": "math",
-    "multilingual": "multilingual", "multi-lingual": "multilingual", "translation": "multilingual",
-    "edge": "edge", "mobile": "edge", "on-device": "edge",
-    "function-calling": "function-calling", "function_calling": "function-calling",
-    "function calling": "function-calling", "tools": "function-calling", "tool-use": "function-calling",
-}
 #: catalog ``use_cases`` tag for each normalized use case.
 USE_CASE_TAG = {"general": "chat"}
 
@@ -89,173 +62,6 @@ _PRECISION_WHY = {
 }
 
 
-# --------------------------------------------------------------------------- catalog
-
-
-@lru_cache(maxsize=8)
-def _load(path: str) -> tuple[dict[str, Any], ...]:
-    import yaml
-
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    return tuple(data["models"])
-
-
-def load_catalog(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Catalog entries (dicts as in the YAML); default ``data/model_catalog.yaml`` of the repo."""
-    return copy.deepcopy(list(_load(str(Path(path or DEFAULT_CATALOG).resolve()))))
-
-
-def catalog_entry(model_id: str, catalog: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any] | None:
-    """The entry for ``model_id`` (case-insensitive), or None."""
-    for e in catalog if catalog is not None else load_catalog():
-        if e["id"].lower() == model_id.lower():
-            return dict(e)
-    return None
-
-
-def normalize_use_case(use_case: str) -> str:
-    key = str(use_case).strip().lower()
-    if key not in USE_CASE_ALIASES:
-        raise ValueError(f"unknown use case {use_case!r}; use one of {sorted(set(USE_CASE_ALIASES.values()))}")
-    return USE_CASE_ALIASES[key]
-
-
-# --------------------------------------------------------------------------- compare
-
-
-def _estimates(shape: ModelShape, context: int) -> dict[str, float]:
-    return {
-        "bf16_gb": weight_bytes(shape, "bf16") / GB,
-        "int8_gb": weight_bytes(shape, "int8") / GB,
-        "nf4_gb": weight_bytes(shape, "nf4") / GB,
-        "kv_cache_gb": kv_cache_bytes(shape, context) / GB,
-        "qlora_gb": qlora_training_bytes(shape, **QLORA_RECIPE)["total"] / GB,
-    }
-
-
-def _hub_lookup(model_id: str) -> tuple[Any, Any, list[str]]:
-    """(config, model_info, errors) from the Hub; either may be None."""
-    errors: list[str] = []
-    config = info = None
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_id)  # no trust_remote_code: catalog models are native
-    except Exception as exc:  # gated, offline, unknown id ...
-        errors.append(f"config: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-    try:
-        from huggingface_hub import HfApi
-
-        info = HfApi().model_info(model_id)
-    except Exception as exc:
-        errors.append(f"model_info: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-    return config, info, errors
-
-
-def compare_models(
-    model_ids: Iterable[str],
-    use_hub: bool = False,
-    *,
-    context: int = 2048,
-    catalog: Iterable[Mapping[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """Compare models as the tutorial's ``compare_models()`` does, returning one dict per model.
-
-    Rows hold the config fields (hidden size, layers, heads, KV heads, vocab, context), licence,
-    languages, downloads/likes (Hub only) and the estimated weights at bf16/int8/nf4, the KV
-    cache at ``context`` and the QLoRA training estimate, all in GB. With ``use_hub`` the config
-    comes from ``AutoConfig.from_pretrained`` and the stats from ``HfApi().model_info``; any
-    failure (offline, gated, ``HF_HUB_OFFLINE=1``) falls back to the catalog and is recorded in
-    ``hub_error``. Without ``use_hub`` nothing touches the network.
-    """
-    cat = list(catalog) if catalog is not None else load_catalog()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    rows = []
-    for model_id in model_ids:
-        entry = catalog_entry(model_id, cat)
-        row: dict[str, Any] = {"model_id": model_id, "source": "catalog" if entry else None}
-        config = info = None
-        if use_hub and not offline:
-            config, info, errors = _hub_lookup(model_id)
-            if errors:
-                row["hub_error"] = "; ".join(errors)
-        elif use_hub:
-            row["hub_error"] = "HF_HUB_OFFLINE is set"
-
-        published = entry.get("params") if entry else None
-        if info is not None and getattr(info, "safetensors", None) is not None:
-            published = getattr(info.safetensors, "total", None) or published
-        if config is not None:
-            shape = ModelShape.from_config(config, published, model_id)
-            row["source"] = "hub"
-        elif entry is not None:
-            shape = ModelShape.from_catalog(entry)
-        else:
-            row["error"] = "not in the catalog" + ("" if use_hub else " (use_hub=False)")
-            rows.append(row)
-            continue
-
-        max_ctx = getattr(config, "max_position_embeddings", None) if config is not None else None
-        row.update(
-            family=entry.get("family") if entry else None,
-            model_type=shape.model_type,
-            params=shape.params,
-            params_from_shape=shape.param_count(),
-            num_hidden_layers=shape.num_hidden_layers,
-            hidden_size=shape.hidden_size,
-            intermediate_size=shape.intermediate_size,
-            num_attention_heads=shape.num_attention_heads,
-            num_key_value_heads=shape.num_key_value_heads,
-            head_dim=shape.head_dim,
-            vocab_size=shape.vocab_size,
-            tie_word_embeddings=shape.tie_word_embeddings,
-            max_context=max_ctx or (entry.get("max_context") if entry else None),
-            license=(entry or {}).get("license"),
-            languages=(entry or {}).get("languages", []),
-            korean=bool((entry or {}).get("korean", False)),
-            use_cases=(entry or {}).get("use_cases", []),
-            downloads=None,
-            likes=None,
-        )
-        if info is not None:
-            row["downloads"] = getattr(info, "downloads", None)
-            row["likes"] = getattr(info, "likes", None)
-            card = getattr(info, "card_data", None) or getattr(info, "cardData", None)
-            lic = getattr(card, "license", None) if card is not None else None
-            if lic:
-                row["license"] = lic
-            if row["source"] == "catalog":
-                row["source"] = "catalog+hub stats"
-        row.update({k: round(v, 3) for k, v in _estimates(shape, context).items()})
-        if entry and entry.get("notes"):
-            row["notes"] = " ".join(str(entry["notes"]).split())
-        rows.append(row)
-    return rows
-
-
-def format_comparison(rows: list[Mapping[str, Any]]) -> str:
-    """Plain-text table of :func:`compare_models` rows."""
-    cols = [
-        ("model", lambda r: r["model_id"]),
-        ("params", lambda r: _fmt_params(r.get("params"))),
-        ("layers", lambda r: r.get("num_hidden_layers", "")),
-        ("hidden", lambda r: r.get("hidden_size", "")),
-        ("heads/kv", lambda r: f"{r['num_attention_heads']}/{r['num_key_value_heads']}" if "num_attention_heads" in r else ""),
-        ("vocab", lambda r: r.get("vocab_size", "")),
-        ("ctx", lambda r: r.get("max_context", "")),
-        ("bf16 GB", lambda r: _f(r.get("bf16_gb"))),
-        ("int8 GB", lambda r: _f(r.get("int8_gb"))),
-        ("nf4 GB", lambda r: _f(r.get("nf4_gb"))),
-        ("QLoRA GB", lambda r: _f(r.get("qlora_gb"))),
-        ("licence", lambda r: r.get("license") or ""),
-        ("downloads", lambda r: f"{r['downloads']:,}" if r.get("downloads") is not None else "-"),
-    ]
-    text = _table([c[0] for c in cols], [[str(fn(r)) for _, fn in cols] for r in rows if "error" not in r])
-    errors = [f"{r['model_id']}: {r['error']}" for r in rows if "error" in r]
-    return "\n".join([text] + errors)
-
-
 # --------------------------------------------------------------------------- recommend
 
 
@@ -281,16 +87,6 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _fmt_params(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
 
 
 def _rank(entry: Mapping[str, Any], use_case: str, small_branch: bool) -> int:
@@ -446,13 +242,7 @@ def _why(c: Candidate, uc: str, small_branch: bool, korean: bool, context: int,
             f"checkpointing, seq 512 × batch 4)"
         )
     parts.append(f"licence {c.license}")
-    return f"{c.model_id.split('/')[-1]} ({_fmt_params(c.params)}): " + "; ".join(parts) + "."
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return f"{c.model_id.split('/')[-1]} ({fmt_params(c.params)}): " + "; ".join(parts) + "."
 
 
 def format_recommendations(
@@ -474,24 +264,14 @@ def format_recommendations(
     train = any(c.training_gb is not None for c in candidates)
     header = ["#", "model", "params", "precision", "infer GB"] + (["QLoRA GB"] if train else []) + ["licence"]
     rows = [
-        [str(i), c.model_id, _fmt_params(c.params), c.precision, _f(c.inference_gb)]
-        + ([_f(c.training_gb)] if train else []) + [c.license]
+        [str(i), c.model_id, fmt_params(c.params), c.precision, fmt_float(c.inference_gb)]
+        + ([fmt_float(c.training_gb)] if train else []) + [c.license]
         for i, c in enumerate(candidates, 1)
     ]
-    text = title + "\n" + _table(header, rows)
+    text = title + "\n" + text_table(header, rows)
     if show_why:
         text += "\n\n" + "\n".join(f"{i}. {c.why}" for i, c in enumerate(candidates, 1))
     return text + missing
 
 
-__all__ = [
-    "DEFAULT_CATALOG",
-    "Candidate",
-    "load_catalog",
-    "catalog_entry",
-    "normalize_use_case",
-    "compare_models",
-    "format_comparison",
-    "recommend",
-    "format_recommendations",
-]
+__all__ = ["Candidate", "recommend", "format_recommendations"]

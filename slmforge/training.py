@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from slmforge.config import LoraSettings, TrainConfig
+from slmforge.lora_targets import check_lora_targets, module_names
 from slmforge.modeling import keep_4bit_unpacked
 from slmforge.runtime import Runtime, decide
 
@@ -59,21 +60,6 @@ def lora_config(cfg: LoraSettings):
     )
 
 
-def check_target_modules(model, target_modules: str | list[str]) -> list[str]:
-    """Module names the adapter would attach to; an empty match fails before training."""
-    if target_modules == "all-linear":
-        return ["all-linear"]
-    names = [n for n, _ in model.named_modules()]
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    matched = sorted({t for t in targets if any(n == t or n.endswith("." + t) for n in names)})
-    missing = [t for t in targets if t not in matched]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                         or "Linear" in type(m).__name__})
-        raise ValueError(f"lora.target_modules: {missing} match no module of this model (linear layers: {linear})")
-    return matched
-
-
 GC_KWARGS = {"use_reentrant": False}
 
 
@@ -82,7 +68,7 @@ def attach_adapter(model, cfg: LoraSettings, gradient_checkpointing: bool):
     switched on here and only here (the trainer is told not to do it again)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    check_target_modules(model, cfg.target_modules)
+    check_lora_targets(cfg, *module_names(model))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=GC_KWARGS)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from slmforge import fingerprint as code_version
 from slmforge.config import StorageConfig
-from slmforge.data import BUNDLED, QUICK_SUFFIX
+from slmforge.data import DataError, local_files
 
 
 @dataclass
@@ -39,13 +38,11 @@ class DataFiles(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
         data = inputs.get("data")
-        source = getattr(data, "source", "")
-        if source.startswith("bundled:"):
-            name = source.split(":", 1)[1].removesuffix(QUICK_SUFFIX)
-            files = sorted(BUNDLED.get(name, Path("/nonexistent")).glob("*.jsonl"))
-        elif "://" not in source or source.startswith("file://"):
-            files = [Path(source.removeprefix("file://"))]
-        else:
+        try:
+            files = local_files(getattr(data, "source", ""))
+        except DataError:  # an unknown bundled name: validation says so, the cache has nothing to hash
+            return None
+        if files is None:
             return None
         h = hashlib.sha256()
         for f in files:
@@ -61,7 +58,7 @@ def result_storage(storage: StorageConfig):
     """
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
-    from tasks.storage import ArtifactStore, content_hash
+    from slmforge.storage import ArtifactStore, content_hash
 
     store = ArtifactStore.from_config(storage)
     if store.scheme == "file":

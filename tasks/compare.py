@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from slmforge.runtime import decide
 from slmforge import benchmarking as B
+from slmforge import report
 from slmforge import data as D
 from slmforge import modeling as M
 from slmforge.compare_config import FINETUNE_LATEST, CompareConfig
@@ -28,7 +29,7 @@ from tasks.dataset import validate_data
 from tasks.gpu import gpu_slot
 from tasks.model import materialise_base
 from tasks.retry import gpu_retry, is_transient
-from tasks.storage import MANIFEST, ArtifactStore, content_hash
+from slmforge.storage import MANIFEST, ArtifactStore, content_hash
 
 PUBLISHED_RECORD = "published/record.json"
 STORE_PREFIX = "store:"
@@ -70,11 +71,6 @@ def latest_finetuned(store: ArtifactStore) -> tuple[str, str] | None:
         if best is None or created > best[0]:
             best = (created, key)
     return (best[1], "newest merged model in the store") if best else None
-
-
-def _short_error(e: BaseException) -> str:
-    msg = str(e).removeprefix("model.source: ")
-    return msg if isinstance(e, (M.ModelSourceError,)) else f"{type(e).__name__}: {msg}"
 
 
 def display_name(spec: str) -> str:
@@ -154,7 +150,7 @@ def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: Artifact
     rt = decide(cfg.compute_dtype, cfg.attn_implementation)
     env = B.environment()
     env["load_average_1min"] = {"start": load_at_start, "end": B.load_average()}
-    table = B.display_rows(rows)
+    table = report.display_rows(rows)
     method = next((r["memory_method"] for r in rows if r.get("memory_method")), None)
     settings = {
         **cfg.resolved(gpu), "eval_items": eval_n, "eval_batch_size": cfg.eval.batch_size,
@@ -163,8 +159,8 @@ def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: Artifact
         "threads": cfg.threads,
     }
     staging = store.staging_dir(key)
-    chart = B.quality_memory_chart(rows, staging / "quality_vs_memory.png", cfg.quality_metric)
-    (staging / "results.csv").write_text(B.csv_text(rows), encoding="utf-8")
+    chart = report.quality_memory_chart(rows, staging / "quality_vs_memory.png", cfg.quality_metric)
+    (staging / "results.csv").write_text(report.csv_text(rows), encoding="utf-8")
     wall = time.time() - started
     result = {"key": key, "config": cfg.model_dump(mode="json", exclude={"storage"}), "settings": settings,
               "environment": env, "memory_method": method, "wall_s": round(wall, 1), "rows": rows}
@@ -172,7 +168,7 @@ def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: Artifact
                                           encoding="utf-8")
     md = markdown_report(rows, table, cfg, settings, env, method, wall)
     (staging / "report.md").write_text(md, encoding="utf-8")
-    meta = {"table": table, "rows": [B.flat_row(r) for r in rows], "wall_s": round(wall, 1), "environment": env}
+    meta = {"table": table, "rows": [report.flat_row(r) for r in rows], "wall_s": round(wall, 1), "environment": env}
     store.commit_dir(staging, key, meta=meta)
     log(f"comparison written to {store.uri(key)} (report.md, results.csv, results.json, {chart.name})")
     return {"key": key, "uri": store.uri(key), **meta, "markdown": md}
@@ -212,7 +208,7 @@ def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, set
         ]),
         "## Answers side by side",
     ]
-    for prompt, answers in B.prompt_answer_tables(rows, cfg.prompts):
+    for prompt, answers in report.prompt_answer_tables(rows, cfg.prompts):
         parts += [f"**{prompt}**", markdown_table(answers) if answers else "_no answers_"]
     errors = [r for r in rows if r.get("errors")]
     if errors:

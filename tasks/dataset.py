@@ -15,11 +15,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from slmforge import data as D
+from slmforge import readers as RD
+from slmforge import records as RC
 from slmforge import fingerprint as code_version
 from slmforge.config import DataConfig, ModelConfig, StorageConfig
 from slmforge.modeling import load_tokenizer, resolve_source
 from tasks.caching import STAGE_CACHE, DataFiles
-from tasks.storage import ArtifactStore, content_hash
+from slmforge.storage import ArtifactStore, content_hash
 
 ARTIFACT_KEY = "dataset-validation"
 
@@ -45,7 +47,7 @@ def _fetch(uri: str, store: ArtifactStore, into: Path) -> Path:
     return local
 
 
-def _write_report(data: DataConfig, report: D.Report, store: ArtifactStore, log) -> str:
+def _write_report(data: DataConfig, report: RD.Report, store: ArtifactStore, log) -> str:
     d = report.to_dict()
     uri = store.write_json(f"validation/{content_hash([data.model_dump(), d])}/report.json", d)
     log(f"validation report: {uri}")
@@ -81,7 +83,7 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
     splits, report = validate_data(data, store, log)
     tokenizer = load_tokenizer(resolve_source(model.source, model.revision))
     try:
-        records = {s: D.tokenize_split(tokenizer, splits[s], data, report, s) for s in D.SPLITS}
+        records = {s: RC.tokenize_split(tokenizer, splits[s], data, report, s) for s in D.SPLITS}
         D.check_bad_fraction(report, data.max_bad_fraction)  # now counting rows too long to keep
         for split in ("train", "test"):
             if not records[split]:
@@ -94,23 +96,23 @@ def prepare(data: DataConfig, model: ModelConfig, store: ArtifactStore, log=prin
         log(f"{report.source}: {report.bad_rows} of {report.rows} rows dropped ({counts or 'none'}), "
             f"{report.truncated} truncated")
     report_uri = _write_report(data, report, store, log)
-    fp = D.fingerprint(records, tokenizer.chat_template)
+    fp = RC.fingerprint(records, tokenizer.chat_template)
     key = f"datasets/{content_hash([fp, code_version.fingerprint()])}"
     record = {
         "key": key,
         "uri": store.uri(key),
         "fingerprint": fp,
-        "train_fingerprint": D.fingerprint(records, tokenizer.chat_template, only=("train", "validation")),
+        "train_fingerprint": RC.fingerprint(records, tokenizer.chat_template, only=("train", "validation")),
         "source": data.source,
         "max_length": data.max_length,
-        "stats": D.split_stats(records),
+        "stats": RC.split_stats(records),
         "validation": report.to_dict(),
         "validation_report": report_uri,
     }
     if not store.exists(key):
         staging = store.staging_dir(key)
         for split, recs in records.items():
-            D.write_jsonl(staging / f"{split}.jsonl", recs)
+            RC.write_jsonl(staging / f"{split}.jsonl", recs)
         (staging / "validation_report.md").write_text(report.markdown(), encoding="utf-8")
         (staging / "validation_report.json").write_text(
             json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
@@ -125,12 +127,12 @@ def dataset_markdown(record: dict) -> str:
     head = (f"Dataset `{record['fingerprint']}` from `{record['source']}`: "
             + ", ".join(f"{s} {x['rows']} rows / {x['tokens']} tokens" for s, x in stats.items())
             + f"; {v['bad_rows']} of {v['rows']} rows dropped, {v['truncated']} truncated.")
-    return head + "\n\n" + D.report_markdown(v)
+    return head + "\n\n" + RD.report_markdown(v)
 
 
 def failure_markdown(error: D.DataError) -> str:
     report = getattr(error, "report", None)
-    body = D.report_markdown(report.to_dict()) if report is not None else ""
+    body = RD.report_markdown(report.to_dict()) if report is not None else ""
     return f"**Data validation failed**\n\n```\n{error}\n```\n\n{body}"
 
 

@@ -17,14 +17,14 @@ from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import report as R
 from slmforge.config import EvalConfig, ModelConfig, StorageConfig
-from slmforge.data import read_jsonl
+from slmforge.records import read_jsonl
 from slmforge.evaluation import evaluate_model
 from slmforge.merging import describe_check, load_trained
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
-from tasks.storage import ArtifactStore, content_hash
+from slmforge.storage import ArtifactStore, content_hash
 
 
 def versions() -> dict:

@@ -13,12 +13,12 @@ from slmforge import fingerprint as code_version
 from slmforge import merging as G
 from slmforge import modeling as M
 from slmforge.config import EvalConfig, MergeConfig, ModelConfig, StorageConfig
-from slmforge.data import read_jsonl
+from slmforge.records import read_jsonl
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
-from tasks.storage import ArtifactStore, content_hash
+from slmforge.storage import ArtifactStore, content_hash
 
 
 def check_records(store: ArtifactStore, dataset: dict, n: int) -> list[dict]:

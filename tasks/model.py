@@ -14,7 +14,7 @@ from slmforge.config import ModelConfig, StorageConfig
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
-from tasks.storage import ArtifactStore, content_hash
+from slmforge.storage import ArtifactStore, content_hash
 
 
 def base_key(model: ModelConfig) -> str:

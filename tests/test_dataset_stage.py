@@ -13,10 +13,11 @@ import time
 import pytest
 
 from slmforge import data as D
+from slmforge import records as RC
 from slmforge.config import PROJECT_DIR, DataConfig, ModelConfig, StorageConfig
 from tasks import dataset as T
 from tasks.caching import DataFiles
-from tasks.storage import MANIFEST, ArtifactStore
+from slmforge.storage import MANIFEST, ArtifactStore
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def _check_dataset(store, record, n_rows):
     d = store.get_dir(record["key"])
     assert {p.name for p in d.iterdir()} >= {"train.jsonl", "validation.jsonl", "test.jsonl", MANIFEST,
                                              "validation_report.md", "validation_report.json"}
-    train = D.read_jsonl(d / "train.jsonl")
+    train = RC.read_jsonl(d / "train.jsonl")
     for r in train:
         assert r["n_tokens"] == len(r["input_ids"]) == len(r["labels"])
         assert r["messages"][-1]["role"] == "assistant" and r["prompt_ids"]
@@ -141,7 +142,7 @@ def test_prepare_chat_shapes_label_only_assistant_turns(tmp_path, model_cfg):
     record = T.prepare(DataConfig(source=str(p), system_prompt="숫자로 답하세요."), model_cfg, store,
                        log=lambda m: None)
     tok = load_tokenizer(model_cfg.source)
-    recs = [r for s in D.SPLITS for r in D.read_jsonl(store.get_dir(record["key"]) / f"{s}.jsonl")]
+    recs = [r for s in D.SPLITS for r in RC.read_jsonl(store.get_dir(record["key"]) / f"{s}.jsonl")]
     multi = next(r for r in recs if len(r["messages"]) == 5)
     assert multi["messages"][0] == {"role": "system", "content": "숫자로 답하세요."}
     labelled = tok.decode([t for t, lab in zip(multi["input_ids"], multi["labels"]) if lab != -100])

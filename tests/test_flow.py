@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slmforge.config import load_config
-from tasks.storage import ArtifactStore
+from slmforge.storage import ArtifactStore
 
 
 def _tiny_cfg(tiny_model_dir, store_dir, **extra):

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import LocalHub, use_local_hub  # noqa: E402
 
-from tasks.storage import sha256_file  # noqa: E402
+from slmforge.storage import sha256_file  # noqa: E402
 
 FAKE_HF = "hf_FAKEroundtripTOKEN0123456789abcdefXYZ"
 REPO = "tester/roundtrip"
@@ -75,7 +75,7 @@ def pushed(prefect_api, bf16_base_dir, sums_file, tmp_path_factory):
 
     from flows.finetune import finetune
     from slmforge.config import load_config
-    from tasks.storage import ArtifactStore
+    from slmforge.storage import ArtifactStore
 
     tmp = tmp_path_factory.mktemp("roundtrip")
     store_dir = tmp / "store"
@@ -117,7 +117,7 @@ def pushed(prefect_api, bf16_base_dir, sums_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(pushed):
     """The held-out records and, per record, the answers the evaluate stage reported."""
-    from slmforge.data import read_jsonl
+    from slmforge.records import read_jsonl
 
     report = json.loads(pushed.files["report.json"].read_text(encoding="utf-8"))
     records = read_jsonl(pushed.store.get_dir(pushed.key(pushed.out["dataset"])) / "test.jsonl")
@@ -140,7 +140,7 @@ def _runtime():
 def test_the_hub_holds_the_stores_bytes(pushed):
     """What was downloaded is what the publish stage listed as pushed, and that is the adapter,
     the merged model and the evaluation report the store holds, byte for byte."""
-    from tasks.storage import MANIFEST
+    from slmforge.storage import MANIFEST
 
     store, key, files = pushed.store, pushed.key, pushed.files
     listed = json.loads((Path(store.get_dir(f"published/{pushed.out['publish']['content_hash']}"))

@@ -7,7 +7,7 @@ import pytest
 
 from slmforge import memory as M
 from slmforge.memory import GB, ModelShape
-from slmforge.selection import load_catalog
+from slmforge.catalog import load_catalog
 
 SHAPE_FIELDS = {
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -83,7 +83,7 @@ def _tiny_configs():
 
 @pytest.mark.parametrize("idx", range(6))
 def test_param_count_equals_transformers(idx):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny_configs()[idx]
@@ -118,7 +118,7 @@ def _tiny(kind: str):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_estimate_matches_measured_footprint(kind, precision):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny(kind)
@@ -147,7 +147,7 @@ def _quant_state_bytes(model) -> int:
 
 @pytest.fixture(scope="module")
 def saved_tiny_llama(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny("llama")
@@ -158,8 +158,7 @@ def saved_tiny_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("precision,double_quant", [("int8", True), ("nf4", True), ("nf4", False)])
 def test_estimate_matches_bitsandbytes_on_cpu(saved_tiny_llama, precision, double_quant):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("bitsandbytes")
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config, path = saved_tiny_llama
@@ -182,7 +181,7 @@ def test_estimate_matches_bitsandbytes_on_cpu(saved_tiny_llama, precision, doubl
 
 
 def test_kv_cache_matches_dynamic_cache():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny("llama")
@@ -199,7 +198,6 @@ def test_kv_cache_matches_dynamic_cache():
 
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
 def test_lora_params_match_peft(kind):
-    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Phi3Config
 
@@ -254,8 +252,7 @@ def test_precision_aliases_and_order():
 @pytest.mark.parametrize("adapter_dtype", ["fp32", "bf16"])
 def test_activation_formula_against_saved_tensors(adapter_dtype):
     """The per-layer coefficients, checked on a shape they were not fitted on (±20 %)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 

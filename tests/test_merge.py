@@ -8,7 +8,7 @@ import pytest
 
 from slmforge import merging as G
 from slmforge import modeling as M
-from slmforge.data import encode_example
+from slmforge.records import encode_example
 from slmforge.runtime import decide
 
 CHECK = {"max_new_tokens": 12, "batch_size": 4, "max_logit_diff": 2.0, "min_agreement": 0.0}

@@ -28,7 +28,7 @@ from slmforge import publishing as P  # noqa: E402
 from slmforge.config import FinetuneConfig  # noqa: E402
 from slmforge.report import comparison_rows  # noqa: E402
 from tasks import publish as T  # noqa: E402
-from tasks.storage import ArtifactStore  # noqa: E402
+from slmforge.storage import ArtifactStore  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
@@ -211,10 +211,10 @@ def test_model_card_front_matter_parses_and_holds_the_metrics(hub, inputs):
     index = meta["model-index"][0]
     assert index["name"] == REPO
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
-    tuned = inputs.evaluation["summary"]["published"]["overall"]
+    candidate = inputs.evaluation["summary"]["published"]["overall"]
     assert metrics["key_accuracy"] == 0.5
     for name in ("char_f1", "chrf", "exact_match", "answer_loss", "perplexity"):
-        assert metrics[name] == pytest.approx(tuned[name], abs=1e-4)
+        assert metrics[name] == pytest.approx(candidate[name], abs=1e-4)
 
     body = card.split("\n---\n", 1)[1]
     assert f'PeftModel.from_pretrained(base, "{REPO}")' in body
@@ -393,6 +393,8 @@ def test_a_token_inside_a_binary_file_refuses_the_push(hub, inputs):
 def test_hub_token_prefers_the_secret_block_then_hf_token(monkeypatch):
     from prefect.blocks.system import Secret
 
+    from tasks.secrets import hub_token, hub_token_source
+
     class Loaded:
         def __init__(self, value):
             self.value = value
@@ -408,11 +410,11 @@ def test_hub_token_prefers_the_secret_block_then_hf_token(monkeypatch):
         return Loaded(blocks[name])
 
     monkeypatch.setattr(Secret, "load", staticmethod(fake_load))
-    assert P.hub_token_source("hf-token") == ("hf_from_the_secret_block_123", "Prefect Secret block 'hf-token'")
-    assert P.hub_token_source("no-such-block") == (TOKEN, "HF_TOKEN")
-    assert P.hub_token("") == TOKEN
+    assert hub_token_source("hf-token") == ("hf_from_the_secret_block_123", "Prefect Secret block 'hf-token'")
+    assert hub_token_source("no-such-block") == (TOKEN, "HF_TOKEN")
+    assert hub_token("") == TOKEN
     monkeypatch.delenv("HF_TOKEN")
-    token, where = P.hub_token_source("no-such-block")
+    token, where = hub_token_source("no-such-block")
     assert token is None and "'no-such-block'" in where and "HF_TOKEN" in where
 
 
@@ -423,7 +425,7 @@ def test_redact():
 
 
 # -- the gate -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("tuned, base, last, ok, words", [
+@pytest.mark.parametrize("candidate, base, last, ok, words", [
     (0.50, 0.125, None, True, "passed"),
     (0.15, 0.125, None, False, "does not beat the base"),
     (0.50, 0.125, 0.60, False, "below the last published"),
@@ -431,8 +433,8 @@ def test_redact():
     (0.50, None, None, False, "could not be computed"),
     (0.60, 0.125, 0.60, True, "last published 0.600"),
 ])
-def test_gate(tuned, base, last, ok, words):
-    passed, reason = P.gate("key_accuracy", tuned, base, 0.05, last)
+def test_gate(candidate, base, last, ok, words):
+    passed, reason = P.gate("key_accuracy", candidate, base, 0.05, last)
     assert passed is ok and words in reason
 
 

@@ -82,7 +82,7 @@ def test_the_decision_reaches_the_trainer(tiny_model_dir, tmp_path, monkeypatch)
     from slmforge import modeling as M
     from slmforge import training as T
     from slmforge.config import LoraSettings, TrainConfig
-    from slmforge.data import encode_example
+    from slmforge.records import encode_example
 
     seen = {}
     real = trl.SFTTrainer.__init__

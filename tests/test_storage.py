@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from tasks.storage import MANIFEST, ArtifactStore, StoreError, stage_key
+from slmforge.storage import MANIFEST, ArtifactStore, StoreError, content_hash
 
 
-def test_stage_keys_follow_inputs():
-    assert stage_key("a", {"x": 1, "y": [1, 2]}) == stage_key("a", {"y": [1, 2], "x": 1})
-    assert stage_key("a", {"x": 1}) != stage_key("a", {"x": 2})
+def test_content_hash_follows_inputs_not_key_order():
+    assert content_hash({"x": 1, "y": [1, 2]}) == content_hash({"y": [1, 2], "x": 1})
+    assert content_hash({"x": 1}) != content_hash({"x": 2})
 
 
 def test_commit_makes_output_visible_with_manifest(tmp_path):

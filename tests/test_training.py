@@ -6,8 +6,9 @@ import torch
 from slmforge import modeling as M
 from slmforge import training as T
 from slmforge.config import LoraSettings, TrainConfig
-from slmforge.data import encode_example
+from slmforge.records import encode_example
 from slmforge.evaluation import answer_losses
+from slmforge.lora_targets import check_lora_targets, module_names
 
 
 def _records(tok, n=16):
@@ -83,7 +84,7 @@ def test_qlora_learns_facts_that_are_not_in_the_question(tiny_model_dir, tmp_pat
 def test_lora_target_modules_that_match_nothing_fail_early(tiny_model_dir):
     model = M.load_model(tiny_model_dir, "fp32")
     try:
-        T.check_target_modules(model, ["q_proj", "nonexistent_proj"])
+        check_lora_targets(LoraSettings(target_modules=["q_proj", "nonexistent_proj"]), *module_names(model))
     except ValueError as e:
         assert "lora.target_modules" in str(e) and "nonexistent_proj" in str(e)
     else:

@@ -34,10 +34,6 @@ def content_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def stage_key(stage: str, inputs: Any) -> str:
-    return f"{stage}/{content_hash(inputs)}"
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

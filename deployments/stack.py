@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+
 from slmforge.config import PROJECT_DIR
 
 DEFAULT_STATE_DIR = PROJECT_DIR / ".slmforge" / "stack"
@@ -95,73 +97,55 @@ class StackSettings:
 
 # -- processes --------------------------------------------------------------------------------
 
-def _proc_start_time(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
+def start_time(pid: int) -> float | None:
+    """When the process started (seconds since the epoch, psutil's `create_time`); None if it is gone
+    or a zombie (finished running)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # a zombie has finished running
-        return None
-    return int(fields[19])
 
 
 def _cmdline(pid: int) -> list[str]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(p.name))
-    return children
 
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants that are alive now."""
-    children = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if _proc_start_time(p) is not None:
-            out.append(p)
-        todo += children.get(p, [])
-    return out
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    return [p.pid for p in procs if start_time(p.pid) is not None]
 
 
 def alive(pid: int) -> bool:
-    return _proc_start_time(pid) is not None
+    return start_time(pid) is not None
 
 
 @dataclass
 class Proc:
     name: str
     pid: int
-    start_time: int
+    start_time: float
     cmd: list[str]
     log: str
     ports: list[int] = field(default_factory=list)
 
     def running(self) -> bool:
         """Still the process we started: same pid, same start time (no pid reuse), same program."""
-        if _proc_start_time(self.pid) != self.start_time:
+        if start_time(self.pid) != self.start_time:
             return False
         argv = _cmdline(self.pid)
         return not argv or argv[:1] == self.cmd[:1]  # an unreadable cmdline: the start time decides
 
     def describe(self) -> str:
-        return f"pid {self.pid}: start time {_proc_start_time(self.pid)} (recorded {self.start_time}), " \
+        return f"pid {self.pid}: start time {start_time(self.pid)} (recorded {self.start_time}), " \
                f"argv[0] {(_cmdline(self.pid) or ['?'])[0]!r} (recorded {self.cmd[0]!r})"
 
 
@@ -171,49 +155,37 @@ def port_open(port: int, host: str = HOST) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _reap(pid: int) -> None:
-    """Collect a finished child of this process, so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
 def stop_process(proc: Proc, timeout: float = 20.0) -> list[int]:
     """SIGTERM the process group and every descendant, SIGKILL what is left after `timeout`.
     Returns the pids that were stopped."""
     if not proc.running():
         return []
     pids = process_tree(proc.pid)
+    procs = []
+    for p in pids:
+        try:
+            procs.append(psutil.Process(p))
+        except psutil.Error:
+            pass
 
-    def signal_all(sig):
+    def signal_all(sig, targets):
         try:
             os.killpg(proc.pid, sig)  # started with start_new_session: pid == process group id
         except (ProcessLookupError, PermissionError):
             pass
-        for p in pids:  # descendants that made a session of their own (e.g. flow-run processes)
+        for p in targets:  # descendants that made a session of their own (e.g. flow-run processes)
             try:
-                os.kill(p, sig)
-            except (ProcessLookupError, PermissionError):
+                p.send_signal(sig)
+            except psutil.Error:
                 pass
 
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in pids:
-            _reap(p)
-        if not any(alive(p) for p in pids):
-            return pids
-        time.sleep(0.2)
-    signal_all(signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        for p in pids:
-            _reap(p)
-        time.sleep(0.1)
-    left = [p for p in pids if alive(p)]
+    signal_all(signal.SIGTERM, procs)
+    _, left = psutil.wait_procs(procs, timeout=timeout)  # also reaps those that are our children
     if left:
-        raise StackError(f"{proc.name}: processes {left} did not stop")
+        signal_all(signal.SIGKILL, left)
+        _, left = psutil.wait_procs(left, timeout=5)
+    if left:
+        raise StackError(f"{proc.name}: processes {[p.pid for p in left]} did not stop")
     return pids
 
 
@@ -284,7 +256,7 @@ def _launch(settings: StackSettings, name: str, cmd: list[str], env: dict[str, s
                                  cwd=str(cwd or PROJECT_DIR), start_new_session=True, close_fds=True)
     start = None
     for _ in range(50):
-        start = _proc_start_time(popen.pid)
+        start = start_time(popen.pid)
         if start is not None:
             break
         time.sleep(0.01)

@@ -1,0 +1,30 @@
+"""The Hub token: from a Prefect Secret block when one of that name exists, else HF_TOKEN. The
+description names the source, never the value."""
+
+from __future__ import annotations
+
+import os
+
+from prefect.blocks.system import Secret
+
+
+def hub_token_source(secret_block: str | None) -> tuple[str | None, str]:
+    """(token, where it came from): a Prefect Secret block if one of that name exists, else HF_TOKEN.
+    The description names the source, never the value."""
+    if secret_block:
+        try:
+            value = Secret.load(secret_block, _sync=True).get()
+            if isinstance(value, str) and value.strip():
+                return value.strip(), f"Prefect Secret block {secret_block!r}"
+        except Exception:  # noqa: BLE001 - no block, no API: fall back to the environment
+            pass
+    env = (os.environ.get("HF_TOKEN") or "").strip()
+    if env:
+        return env, "HF_TOKEN"
+    where = f"Prefect Secret block {secret_block!r} or HF_TOKEN" if secret_block else "HF_TOKEN"
+    return None, where
+
+
+def hub_token(secret_block: str | None) -> str | None:
+    """The Hub token: a Prefect Secret block if one of that name exists, else HF_TOKEN. Never logged."""
+    return hub_token_source(secret_block)[0]
