@@ -197,29 +197,99 @@ def train(
     the longest record); position ids restart per example, so attention stays within each one.
     Device, mixed precision, optimizer and checkpointing come from `rt` (the runtime decision).
     """
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     set_seed(cfg.seed)
     rt = rt or decide(gradient_checkpointing=cfg.gradient_checkpointing)
-    checkpointing = rt.gradient_checkpointing
     micro_batch = micro_batch or cfg.batch_size
     grad_accum = grad_accum or cfg.grad_accum
+
+    # data
+    train_ds, eval_ds = to_datasets(train_records, eval_records)
+    pack_length, per_step = batch_plan(train_records, cfg.packing, micro_batch, grad_accum, max_length)
+    # model
     if keep_4bit_unpacked(model):  # the trainer's own evaluations must not repack it either
         warnings.warn("the 4-bit base had been packed for bitsandbytes' CPU inference kernel (no gradients "
                       "there); unpacked it for training", stacklevel=2)
-    model = attach_adapter(model, lora, checkpointing)
+    model = attach_adapter(model, lora, rt.gradient_checkpointing)
+    # arguments and trainer
+    args = sft_config(cfg, rt, output_dir, micro_batch, grad_accum, pack_length, evaluate=eval_ds is not None,
+                      save_steps=save_steps or getattr(cfg, "save_steps", None)
+                      or max(math.ceil(len(train_ds) / per_step), 10))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[checkpoint_callback(output_dir, micro_batch, grad_accum, on_checkpoint)]
+        + ([progress_callback(progress)] if progress else []),
+    )
+    adapter_dtype = keep_adapter_fp32(trainer.model)
+    # train, resuming from the newest complete checkpoint
+    resume = latest_checkpoint(output_dir)
+    t0 = time.perf_counter()
+    with score_labelled_positions_only():
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    # what happened
+    n_tokens = sum(len(r["input_ids"]) for r in train_records)
+    curve = [
+        {k: h[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens") if k in h}
+        for h in trainer.state.log_history if "loss" in h or "eval_loss" in h
+    ]
+    seen = [h["num_tokens"] for h in curve if "num_tokens" in h]  # trl counts the real (non-pad) tokens
+    tokens = seen[-1] if seen else (n_tokens * cfg.epochs if cfg.max_steps <= 0 else
+                                    n_tokens / len(train_records) * trainer.state.global_step * per_step)
+    resumed_step = checkpoint_step(resume) if resume else None
+    train_loss = out.training_loss
+    logged = [h["loss"] for h in curve if "loss" in h]
+    if resumed_step and logged:
+        # the trainer averages only the steps of this session; the restored log history has them all
+        train_loss = sum(logged) / len(logged)
+    result = TrainResult(
+        steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0.0, 3),
+        train_loss=round(train_loss, 5),
+        loss_curve=curve,
+        tokens=int(tokens),
+        seconds=round(seconds, 2),
+        trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        adapter_dtype=adapter_dtype,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        resumed_from_step=resumed_step,
+        runtime=rt.to_dict(),
+    )
+    return trainer.model, result
+
+
+def to_datasets(train_records: list[dict], eval_records: list[dict] | None):
+    """The trainer's datasets: only the pre-tokenised ids and labels of each record."""
+    from datasets import Dataset
 
     cols = ["input_ids", "labels"]
     train_ds = Dataset.from_list([{c: r[c] for c in cols} for r in train_records])
     eval_ds = Dataset.from_list([{c: r[c] for c in cols} for r in eval_records]) if eval_records else None
+    return train_ds, eval_ds
+
+
+def batch_plan(train_records: list[dict], packing: bool, micro_batch: int, grad_accum: int,
+               max_length: int | None) -> tuple[int | None, float]:
+    """(packed row length or None, records per optimizer step): packed rows hold several records each."""
     n_tokens = sum(len(r["input_ids"]) for r in train_records)
-    pack_length = (max_length or max(len(r["input_ids"]) for r in train_records)) if cfg.packing else None
-    # records per optimizer step: packed rows hold several records each
+    pack_length = (max_length or max(len(r["input_ids"]) for r in train_records)) if packing else None
     per_step = micro_batch * grad_accum * (pack_length * len(train_records) / n_tokens if pack_length else 1)
-    steps_per_epoch = math.ceil(len(train_ds) / per_step)
-    args = SFTConfig(
+    return pack_length, per_step
+
+
+def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int, grad_accum: int,
+               pack_length: int | None, evaluate: bool, save_steps: int):
+    """trl's SFTConfig from the train settings and the runtime decision (device, precision, optimizer)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -239,9 +309,9 @@ def train(
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         logging_steps=cfg.logging_steps,
-        eval_strategy="epoch" if eval_ds is not None else "no",
+        eval_strategy="epoch" if evaluate else "no",
         save_strategy="steps",
-        save_steps=save_steps or getattr(cfg, "save_steps", None) or max(steps_per_epoch, 10),
+        save_steps=save_steps,
         save_total_limit=2,
         report_to="none",
         seed=cfg.seed,
@@ -249,50 +319,6 @@ def train(
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[checkpoint_callback(output_dir, micro_batch, grad_accum, on_checkpoint)]
-        + ([progress_callback(progress)] if progress else []),
-    )
-    adapter_dtype = keep_adapter_fp32(trainer.model)
-    resume = latest_checkpoint(output_dir)
-    resumed_step = checkpoint_step(resume) if resume else None
-    t0 = time.perf_counter()
-    with score_labelled_positions_only():
-        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - t0
-    curve = [
-        {k: h[k] for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens") if k in h}
-        for h in trainer.state.log_history if "loss" in h or "eval_loss" in h
-    ]
-    seen = [h["num_tokens"] for h in curve if "num_tokens" in h]  # trl counts the real (non-pad) tokens
-    tokens = seen[-1] if seen else (n_tokens * cfg.epochs if cfg.max_steps <= 0 else
-                                    n_tokens / len(train_records) * trainer.state.global_step * per_step)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    train_loss = out.training_loss
-    logged = [h["loss"] for h in curve if "loss" in h]
-    if resumed_step and logged:
-        # the trainer averages only the steps of this session; the restored log history has them all
-        train_loss = sum(logged) / len(logged)
-    result = TrainResult(
-        steps=trainer.state.global_step,
-        epochs=round(trainer.state.epoch or 0.0, 3),
-        train_loss=round(train_loss, 5),
-        loss_curve=curve,
-        tokens=int(tokens),
-        seconds=round(seconds, 2),
-        trainable_params=trainable,
-        adapter_dtype=adapter_dtype,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        resumed_from_step=resumed_step,
-        runtime=rt.to_dict(),
-    )
-    return trainer.model, result
 
 
 def save_adapter(peft_model, tokenizer, out_dir: Path, result: TrainResult) -> None:
