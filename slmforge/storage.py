@@ -4,6 +4,14 @@ Every stage output is a directory under a key derived from the stage's inputs. F
 and `MANIFEST.json` (file list, sizes, sha256) goes last, so an output is either complete or
 invisible: readers trust only what a manifest lists and verify it. This module imports no
 Prefect, so the ML core can use it on a bare GPU machine.
+
+Runs that share a store (a nightly and a manual run, two workers, two configs sharing a dataset)
+may write the same key at once. A complete output is never deleted or replaced: the first commit
+wins and later writers of the key adopt it. On `file://` an output is built in a private staging
+directory that already holds its manifest and is renamed into place (a rename onto an existing
+directory fails, so it cannot replace one). On object stores each writer uploads into its own
+`<key>/.data-<time>-<id>/` and commits with one conditional PUT of the manifest (`If-None-Match: *`,
+honoured by AWS S3 and SeaweedFS); the manifest names that data directory.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +30,10 @@ from typing import Any, TypeVar
 import fsspec
 
 MANIFEST = "MANIFEST.json"
+DATA_PREFIX = ".data-"
+# An object-store writer's data directory that no manifest names is left alone this long (it may
+# be another run's upload in progress), then treated as a crashed upload and removed.
+STALE_UPLOAD_S = 6 * 3600
 T = TypeVar("T")
 
 
@@ -99,13 +112,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _sweep_stale(parent: Path, prefix: str) -> None:
-    """Remove `<prefix><pid>` staging leftovers of processes that no longer run (a crash mid-write)."""
+    """Remove `<prefix><pid>-<id>` staging leftovers of processes that no longer run (a crash mid-write)."""
     if not parent.is_dir():
         return
     for d in parent.glob(prefix + "*"):
-        pid = d.name[len(prefix):]
+        pid = d.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+
+
+def _writer_tag() -> str:
+    """This writer's private suffix: the pid (for the crash sweep) and a random part (threads, hosts)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _upload_age_s(name: str) -> float | None:
+    """Seconds since an object-store writer's `.data-<unix time>-<id>` directory was started."""
+    stamp = name[len(DATA_PREFIX):].split("-", 1)[0] if name.startswith(DATA_PREFIX) else ""
+    return time.time() - int(stamp) if stamp.isdigit() else None
+
+
+def _manifest_entries(local_dir: Path) -> tuple[list[Path], list[dict]]:
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return files, [{"path": p.relative_to(local_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+                   for p in files]
 
 
 class ArtifactStore:
@@ -113,6 +143,7 @@ class ArtifactStore:
         self.url = url.rstrip("/")
         scheme, _, rest = self.url.partition("://")
         self.scheme = scheme
+        self.endpoint_url = None
         if scheme == "file":
             self.root = str(Path(rest).expanduser().resolve())
             self.fs = fsspec.filesystem("file")
@@ -125,6 +156,7 @@ class ArtifactStore:
             endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
             if endpoint:
                 kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+                self.endpoint_url = endpoint
             self.fs = fsspec.filesystem("s3", **kwargs)
             self.fs.retries = 1  # s3fs's own retry loop (a class attribute, not an argument)
         else:
@@ -175,64 +207,75 @@ class ArtifactStore:
         return self.read_json(f"{key}/{MANIFEST}")
 
     def put_dir(self, local_dir: Path, key: str, meta: dict | None = None) -> dict:
-        """Upload a directory; the manifest goes last. Leftovers of a crashed earlier attempt are removed first."""
+        """Upload a directory (left in place) as one output and return the manifest that is live
+        under the key: this one, or the one another writer committed first."""
         local_dir = Path(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-        entries = [
-            {"path": p.relative_to(local_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in files
-        ]
-        manifest = {"key": key, "files": entries, "meta": meta or {}, "created": time.time()}
-        dest = self.path(key)
-        same_place = self.scheme == "file" and Path(dest).resolve() == local_dir.resolve()
-        if not same_place:
-            self.discard_partial(key, force=True)
-            try:
-                for p, e in zip(files, entries):
-                    target = f"{dest}/{e['path']}"
-                    with_retries(lambda p=p, target=target: self._put_file(p, target),
-                                 f"uploading {self.uri(key)}/{e['path']}")
-            except StoreError:
-                self._forget_partial(key)
-                raise
-        self.write_json(f"{key}/{MANIFEST}", manifest)
-        return manifest
-
-    def _forget_partial(self, key: str) -> None:
-        """Best effort, one try: remove the files of an upload that failed. Without a manifest they
-        are invisible to readers anyway, and the next `put_dir` of the key removes them first."""
+        if self.scheme == "file":
+            return self.upload_dir(local_dir, key, meta)
+        if (existing := self.manifest(key)) is not None:
+            return existing
+        data = f"{DATA_PREFIX}{int(time.time())}-{uuid.uuid4().hex[:12]}"
+        files, entries = _manifest_entries(local_dir)
         try:
-            if self.fs.exists(self.path(key)) and not self.fs.exists(self.path(f"{key}/{MANIFEST}")):
-                self.fs.rm(self.path(key), recursive=True)
-        except Exception:  # noqa: BLE001 - the store is down: nothing more to do now
+            for p, e in zip(files, entries):
+                target = self.path(f"{key}/{data}/{e['path']}")
+                with_retries(lambda p=p, target=target: self._put_file(p, target),
+                             f"uploading {self.uri(key)}/{e['path']}")
+            manifest = {"key": key, "data": data, "files": entries, "meta": meta or {}, "created": time.time()}
+            blob = json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode()
+            won = with_retries(lambda: self._create(f"{key}/{MANIFEST}", blob), f"committing {self.uri(key)}")
+        except BaseException:
+            self._forget(f"{key}/{data}")
+            raise
+        if won:
+            return manifest
+        self._forget(f"{key}/{data}")  # another writer committed first: its output stands
+        return self.manifest(key)
+
+    def _create(self, key: str, blob: bytes) -> bool:
+        """Write an object only if it does not exist yet (one conditional PUT). False: it already existed."""
+        try:
+            self.fs.pipe_file(self.path(key), blob, mode="create")
+            return True
+        except Exception:
+            # a 412 (SeaweedFS: EINVAL "pre-conditions ... did not hold") or FileExistsError; anything
+            # else is re-raised for `with_retries` to judge
+            self.fs.invalidate_cache(self.path(key))
+            if self.fs.exists(self.path(key)):
+                return False
+            raise
+
+    def _forget(self, key: str) -> None:
+        """Best effort, one try: remove this writer's own uncommitted files. No manifest names them,
+        so readers never see them; `discard_partial` removes them later if this fails."""
+        try:
+            self.fs.rm(self.path(key), recursive=True)
+        except Exception:  # noqa: BLE001 - the store is down or the files are already gone
             pass
 
     def _put_file(self, src: Path, target: str) -> None:
         if self.scheme == "file":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
+            tmp = f"{target}.tmp-{_writer_tag()}"
             shutil.copyfile(src, tmp)
             os.replace(tmp, target)
         else:
             self.fs.put_file(str(src), target)
 
     def staging_dir(self, key: str) -> Path:
-        """A local directory to build an output in. For a local store it is a temporary sibling of
-        the final directory, renamed into place by `commit_dir` (cheap and atomic)."""
+        """A private local directory to build an output in. For a local store it is a sibling of the
+        final directory, renamed into place by `commit_dir` (cheap and atomic)."""
         if self.scheme == "file":
-            d = Path(self.path(key) + f".tmp-{os.getpid()}")
+            d = Path(self.path(key) + f".tmp-{_writer_tag()}")
             _sweep_stale(d.parent, Path(self.path(key)).name + ".tmp-")
         else:
-            d = self.cache_dir / "staging" / f"{key.replace('/', '_')}-{os.getpid()}"
+            d = self.cache_dir / "staging" / f"{key.replace('/', '_')}-{_writer_tag()}"
             _sweep_stale(d.parent, key.replace("/", "_") + "-")
-        if d.exists():
-            shutil.rmtree(d)
         d.mkdir(parents=True)
         return d
 
     def upload_dir(self, local_dir: Path, key: str, meta: dict | None = None) -> dict:
-        """Copy a local directory (left in place) into the store as one manifested output,
-        atomically: a local store builds it in a staging sibling and renames it into place."""
+        """Copy a local directory (left in place) into the store as one manifested output."""
         if self.scheme == "file":
             staging = self.staging_dir(key)
             shutil.rmtree(staging)
@@ -247,8 +290,9 @@ class ArtifactStore:
 
         def go():
             try:
-                if self.scheme == "file":
-                    return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+                if self.scheme == "file":  # not the writers' private `.tmp-` siblings
+                    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+                    return [n for n in names if ".tmp-" not in n]
                 self.fs.invalidate_cache(base)  # another process (an earlier attempt) may have written
                 return list({p[len(base) + 1:].split("/", 1)[0] for p in self.fs.find(base)
                              if p.startswith(base + "/")})
@@ -268,28 +312,52 @@ class ArtifactStore:
         with_retries(lambda: self.fs.rm(target, recursive=True), f"removing {self.uri(key)}")
 
     def commit_dir(self, staging: Path, key: str, meta: dict | None = None) -> dict:
-        """Make a staged output visible: rename (local) or upload (remote), then write the manifest."""
-        if self.scheme == "file":
-            final = Path(self.path(key))
-            if final.exists():
-                shutil.rmtree(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            manifest_tmp = staging / MANIFEST
-            manifest_tmp.unlink(missing_ok=True)
-            os.replace(staging, final)
-            return self.put_dir(final, key, meta)
-        manifest = self.put_dir(staging, key, meta)
-        shutil.rmtree(staging, ignore_errors=True)
-        return manifest
+        """Make a staged output visible, or adopt the output another writer committed first (the
+        staging directory is consumed either way). Returns the manifest live under the key."""
+        if self.scheme != "file":
+            try:
+                return self.put_dir(staging, key, meta)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        final = Path(self.path(key))
+        files, entries = _manifest_entries(staging)
+        manifest = {"key": key, "files": entries, "meta": meta or {}, "created": time.time()}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                os.rename(staging, final)  # fails if `final` exists and is not empty: never replaces
+                return manifest
+            except OSError:
+                if self.exists(key):
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return self.manifest(key)
+                self.discard_partial(key)  # a crash of an older version left files without a manifest
+        raise StoreError(f"committing {self.uri(key)}: {final} appeared again without a manifest")
 
     def discard_partial(self, key: str, force: bool = False) -> bool:
-        """Remove an output that has files but no manifest (a crash mid-write). Returns True if removed."""
+        """Remove what a crashed writer left under a key that has no manifest: on `file://` the whole
+        directory (writers build elsewhere and rename, so it is no upload in progress); on an object
+        store the writers' data directories older than STALE_UPLOAD_S, or all of them with `force`.
+        A committed output is never touched. Returns True if something was removed."""
+        if self.exists(key):
+            return False
         dest = self.path(key)
-        has_files = with_retries(lambda: self.fs.exists(dest), f"checking {self.uri(key)}")
-        if has_files and (force or not self.exists(key)):
-            with_retries(lambda: self.fs.rm(dest, recursive=True), f"removing partial {self.uri(key)}")
-            return True
-        return False
+        if self.scheme == "file":
+            if Path(dest).exists():
+                aside = Path(f"{dest}.tmp-{_writer_tag()}")
+                os.replace(dest, aside)  # out of the way in one step, then deleted
+                shutil.rmtree(aside, ignore_errors=True)
+                return True
+            return False
+        removed = False
+        for name in self.children(key):
+            age = _upload_age_s(name)
+            if force or age is None or age > STALE_UPLOAD_S:
+                with_retries(lambda name=name: self.fs.rm(f"{dest}/{name}", recursive=True),
+                             f"removing partial {self.uri(key)}/{name}")
+                removed = True
+        return removed
 
     def get_dir(self, key: str, verify: bool | str = True) -> Path:
         """A local directory holding a manifested output, verified against its manifest: sizes by
@@ -316,16 +384,33 @@ class ArtifactStore:
         raise StoreError(f"{self.uri(key)}/{problem}")
 
     def _download(self, key: str, manifest: dict, local: Path) -> None:
-        if local.exists():
-            shutil.rmtree(local)
-        for e in manifest["files"]:
-            target = local / e["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(
-                lambda e=e, target=target: self.fs.get_file(self.path(f"{key}/{e['path']}"), str(target)),
-                f"downloading {self.uri(key)}/{e['path']}",
-            )
-        (local / MANIFEST).write_text(json.dumps(manifest))  # the stamp goes last: a complete copy
+        """Into a private directory renamed into place, so another process reading the same cache
+        never sees a half-written copy."""
+        tmp = local.parent / f"{local.name}.tmp-{_writer_tag()}"
+        _sweep_stale(local.parent, f"{local.name}.tmp-")
+        src = f"{key}/{manifest['data']}" if manifest.get("data") else key
+        try:
+            for e in manifest["files"]:
+                target = tmp / e["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with_retries(
+                    lambda e=e, target=target: self.fs.get_file(self.path(f"{src}/{e['path']}"), str(target)),
+                    f"downloading {self.uri(key)}/{e['path']}",
+                )
+            (tmp / MANIFEST).write_text(json.dumps(manifest))  # the stamp: a complete copy
+            if local.exists():  # an older or damaged copy: moved aside in one step, then deleted
+                aside = local.parent / f"{local.name}.tmp-{_writer_tag()}"
+                try:
+                    os.replace(local, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                except OSError:
+                    pass
+            try:
+                os.rename(tmp, local)
+            except OSError:  # another process put its complete copy in place meanwhile
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- small JSON records --------------------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> str:
@@ -335,7 +420,7 @@ class ArtifactStore:
         def go():
             if self.scheme == "file":
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
-                tmp = f"{target}.tmp-{os.getpid()}"
+                tmp = f"{target}.tmp-{_writer_tag()}"
                 Path(tmp).write_bytes(blob)
                 os.replace(tmp, target)
             else:

@@ -22,6 +22,7 @@ from slmforge import benchmarking as B
 from slmforge import report
 from slmforge import data as D
 from slmforge import modeling as M
+from slmforge import publish_record
 from slmforge.compare_config import FINETUNE_LATEST, CompareConfig
 from slmforge.config import ModelConfig
 from slmforge.report import markdown_table
@@ -31,7 +32,6 @@ from tasks.model import materialise_base
 from tasks.retry import gpu_retry, is_transient
 from slmforge.storage import MANIFEST, ArtifactStore, content_hash
 
-PUBLISHED_RECORD = "published/record.json"
 STORE_PREFIX = "store:"
 
 
@@ -52,14 +52,13 @@ def eval_examples(cfg: CompareConfig, store: ArtifactStore, gpu: bool, log=print
 def latest_finetuned(store: ArtifactStore) -> tuple[str, str] | None:
     """(store key, how it was found) of the newest fine-tuned merged model, or None.
 
-    A merged model recorded by the publish stage (`published/record.json`, when it pushed one) wins;
-    otherwise the newest `merged/*` output by its manifest's creation time.
+    A merged model recorded by the publish stage (when it pushed one) wins; otherwise the newest
+    `merged/*` output by its manifest's creation time.
     """
-    record = store.read_json(PUBLISHED_RECORD, default=None) or {}
-    latest = [e for e in (record.get("latest") or {}).values() if isinstance(e, dict) and e.get("merged")]
+    latest = [e for e in publish_record.record(store)["latest"].values() if e.get("merged")]
     for entry in sorted(latest, key=lambda e: e.get("published_at") or 0, reverse=True):
         if store.exists(entry["merged"]):
-            return entry["merged"], f"published ({entry.get('location') or PUBLISHED_RECORD})"
+            return entry["merged"], f"published ({entry.get('location') or publish_record.INDEX})"
     try:
         manifests = store.fs.glob(store.path(f"merged/*/{MANIFEST}"))
     except FileNotFoundError:

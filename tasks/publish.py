@@ -1,9 +1,10 @@
 """Stage 6: the quality gate, then the adapter, tokenizer, report and model card to the Hub (or, with
 no Hub repo configured, a dry run into the store's `published/` prefix).
 
-Idempotent: `published/record.json` maps each result's content hash to where it went (the Hub
-commit); the same result again is a no-op that says so. The record is written last, so a push that
-fails after its retries leaves it unchanged. The token is never logged nor written anywhere.
+Idempotent: each result's content hash names its output `published/<hash>/`, whose manifest says
+where it went (the Hub commit); the same result again is a no-op that says so. The output is
+committed last, so a push that fails after its retries records nothing; runs that publish at once
+each commit their own entry (`slmforge.publish_record`). The token is never logged nor written anywhere.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from slmforge import publish_record
 from slmforge import publishing as P
 from slmforge.config import FinetuneConfig
 from slmforge.storage import MANIFEST, ArtifactStore, content_hash, sha256_file
 from tasks.caching import STAGE_CACHE
 from tasks.secrets import hub_token_source
 
-RECORD = "published/record.json"
+RECORD = publish_record.INDEX
 EVAL_FILES = ("report.md", "report.json", "loss_curve.png", "key_accuracy_by_part.png",
               "key_accuracy_by_category.png")
 ADAPTER_SKIP = {MANIFEST, "README.md"}  # peft's template card is replaced by ours
@@ -73,15 +75,6 @@ def result_hash(cfg: FinetuneConfig, adapter: dict, evaluation: dict, merged: di
                          merged["key"] if pub.push_merged and merged else None])
 
 
-def _read_record(store: ArtifactStore) -> dict:
-    record = store.read_json(RECORD, default=None) or {}
-    if not isinstance(record.get("published"), dict):
-        record["published"] = {}
-    if not isinstance(record.get("latest"), dict):
-        record["latest"] = {}
-    return record
-
-
 def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, evaluation: dict,
                 store: ArtifactStore, run_name: str | None = None, log=print, *, merged: dict | None = None,
                 run_id: str | None = None, run_url: str | None = None) -> dict:
@@ -92,7 +85,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
     # the gate judges the model that is published: the merged one
     candidate, before = summary["published"]["overall"].get(primary), summary["base"]["overall"].get(primary)
     target = pub.hub_repo or "dry-run"
-    record = _read_record(store)
+    record = publish_record.record(store)
     h = result_hash(cfg, adapter, evaluation, merged)
     out = {"published": False, "reason": "", "primary": primary, "base": before, "published_model": candidate,
            "content_hash": h, "target": target}
@@ -154,7 +147,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
         files = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
 
-        entry = {"primary": primary, "primary_value": candidate, "base_value": before, "adapter": adapter["key"],
+        entry = {"target": target, "primary": primary, "primary_value": candidate, "base_value": before, "adapter": adapter["key"],
                  "evaluation": evaluation["key"], "merged": merged["key"] if pub.push_merged else None,
                  "flow_run": run_name, "flow_run_id": run_id, "published_at": time.time()}
         if pub.hub_repo:
@@ -176,14 +169,14 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
         else:
             entry.update({"location": store.uri(key), "commit": None})
         entry = P.redact(entry, secrets)
-        store.commit_dir(staging, key, meta={"content_hash": h, **entry})
+        # last: a failed push records nothing; a run that published the same result meanwhile wins
+        entry = store.commit_dir(staging, key, meta={"content_hash": h, **entry})["meta"]
+        entry.pop("content_hash", None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    record["published"][h] = entry
-    record["latest"][target] = {**entry, "content_hash": h}
-    store.write_json(RECORD, P.redact(record, secrets))  # last: a failed push leaves the record unchanged
+    publish_record.write_index(store)
     log(f"published to {entry['location']}" + ("" if pub.hub_repo else " (dry run: no Hub repo configured)"))
     return P.redact({**out, "published": True, **entry}, secrets)
 

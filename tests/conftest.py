@@ -14,6 +14,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# the SeaweedFS fixtures (`weed_server`, `weed`) for any test module that needs a real S3 server
+pytest_plugins = ("weed",)
+
 # `make test` sets this: on a machine set up by `make` nothing may skip, so a missing package or
 # browser fails the run instead of leaving it green with less tested.
 NO_SKIPS = os.environ.get("SLMFORGE_NO_SKIPS") == "1"

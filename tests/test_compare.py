@@ -126,10 +126,10 @@ def test_cli_print_config_and_bad_setting(capsys):
 # -- finding the latest fine-tuned model ----------------------------------------------------------
 
 
-def _fake_output(store: ArtifactStore, key: str) -> None:
+def _fake_output(store: ArtifactStore, key: str, meta: dict | None = None) -> None:
     staging = store.staging_dir(key)
     (staging / "config.json").write_text("{}")
-    store.commit_dir(staging, key)
+    store.commit_dir(staging, key, meta=meta)
 
 
 def test_finetune_latest_prefers_published_then_newest(tmp_path):
@@ -141,8 +141,8 @@ def test_finetune_latest_prefers_published_then_newest(tmp_path):
     time.sleep(0.01)
     _fake_output(store, "merged/newer")
     assert latest_finetuned(store)[0] == "merged/newer"
-    store.write_json("published/record.json", {"published": {}, "latest": {
-        "me/repo": {"merged": "merged/older", "published_at": 5, "location": "https://hub/me/repo"}}})
+    _fake_output(store, "published/abc", meta={"content_hash": "abc", "target": "me/repo", "merged": "merged/older",
+                                               "published_at": 5, "location": "https://hub/me/repo"})
     key, how = latest_finetuned(store)
     assert key == "merged/older" and "published" in how
     entry = resolve_entry("store:merged/newer", store)
