@@ -152,10 +152,11 @@ def cmd_finetune(args) -> int:
 
     from flows.finetune import finetune
     from slmforge.report import markdown_table
+    from tasks.retry import DeviceUnusable
 
     try:
         out = finetune(cfg)
-    except (ConfigError, DataError, ModelSourceError, StoreError) as e:
+    except (ConfigError, DataError, ModelSourceError, StoreError, DeviceUnusable) as e:
         return _fail(str(e))
     print("\nWhere everything went:")
     for name in ("dataset", "base", "quantized", "adapter", "merged", "report"):
@@ -193,10 +194,11 @@ def cmd_compare(args) -> int:
 
     from flows.compare import compare
     from slmforge.report import markdown_table
+    from tasks.retry import DeviceUnusable
 
     try:
         out = compare(cfg)
-    except (ConfigError, DataError, StoreError) as e:
+    except (ConfigError, DataError, StoreError, DeviceUnusable) as e:
         return _fail(str(e))
     print(f"\nComparison ({out['wall_s'] / 60:.1f} min): {out['report']}\n")
     print(markdown_table(out["table"]))

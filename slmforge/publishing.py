@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import time
 from pathlib import Path
 
+import tenacity
 import yaml
 
 from slmforge.report import group_table, markdown_table
@@ -26,7 +25,7 @@ CARD_METRICS = ("key_accuracy", "char_f1", "chrf", "exact_match", "answer_loss",
 TEXT_SUFFIXES = {".md", ".json", ".txt", ".jinja", ".yaml", ".yml", ".csv", ".py", ".model_card"}
 SCAN_LIMIT = 64 * 1024 * 1024  # secrets are looked for in files up to this size (weights are bigger)
 PUSH_ATTEMPTS = 4
-PUSH_BASE_DELAY = 2.0  # seconds; doubled each attempt, with jitter
+PUSH_BASE_DELAY = 2.0  # seconds; doubled each attempt, plus up to this much jitter
 MIN_SECRET_LEN = 6  # shorter "secrets" would mangle unrelated text
 
 
@@ -290,33 +289,40 @@ def push(folder: Path, repo_id: str, token: str, endpoint: str, private: bool, r
     base_delay = PUSH_BASE_DELAY if base_delay is None else base_delay
     secrets = [token]
     api = HfApi(endpoint=endpoint, token=token, library_name="slmforge")
-    step = "creating"
-    for attempt in range(1, attempts + 1):
-        try:
-            step = "creating"
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision != "main":
-                step = "creating branch " + revision + " of"
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            step = "pushing to"
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                     commit_message=message, commit_description=description,
-                                     delete_patterns=delete_patterns)
-            url = getattr(info, "commit_url", None) or f"{endpoint.rstrip('/')}/{repo_id}/commit/{info.oid}"
-            return {"commit": info.oid, "commit_url": url}
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not transient(exc):
-                raise PublishError(redact_text(str(_fatal(exc, step, repo_id, endpoint, token_source)), secrets)) \
-                    from None
-            if attempt == attempts:
-                raise PublishError(redact_text(
-                    f"{step} {repo_id} at {endpoint} failed after {attempts} attempts ({_describe(exc)})",
-                    secrets)) from None
-            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
-            log(redact_text(f"{step} {repo_id} failed ({_describe(exc)}); retry {attempt}/{attempts - 1} "
-                            f"in {delay:.1f} s", secrets))
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    step = {"now": "creating"}
+
+    def attempt() -> dict:
+        step["now"] = "creating"
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision != "main":
+            step["now"] = "creating branch " + revision + " of"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step["now"] = "pushing to"
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                 commit_message=message, commit_description=description,
+                                 delete_patterns=delete_patterns)
+        url = getattr(info, "commit_url", None) or f"{endpoint.rstrip('/')}/{repo_id}/commit/{info.oid}"
+        return {"commit": info.oid, "commit_url": url}
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception()
+        log(redact_text(f"{step['now']} {repo_id} failed ({_describe(exc)}); retry {state.attempt_number}/"
+                        f"{attempts - 1} in {state.next_action.sleep:.1f} s", secrets))
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient), stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=base_delay, max=60 * base_delay)
+        + tenacity.wait_random(0, base_delay),
+        before_sleep=before_sleep, reraise=True)
+    try:
+        return retrying(attempt)
+    except Exception as exc:  # noqa: BLE001 - classified below; the client's exception is not chained
+        if not transient(exc):
+            raise PublishError(redact_text(str(_fatal(exc, step["now"], repo_id, endpoint, token_source)), secrets)) \
+                from None
+        raise PublishError(redact_text(
+            f"{step['now']} {repo_id} at {endpoint} failed after {attempts} attempts ({_describe(exc)})",
+            secrets)) from None
 
 
 def base_licence(model_id: str, endpoint: str, token: str | None) -> str | None:

@@ -16,6 +16,8 @@ honoured by AWS S3 and SeaweedFS); the manifest names that data directory.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
+import tenacity
 
 MANIFEST = "MANIFEST.json"
 DATA_PREFIX = ".data-"
@@ -38,7 +41,15 @@ T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
-    """The store cannot be reached or holds something unusable; the message names the URL/key."""
+    """The store cannot be reached or holds something unusable; the message names the URL/key.
+
+    `transient`: the store client gave up on faults that a later attempt may not meet (a connection
+    that kept dropping, 5xx): a whole-stage retry may help. False: retrying cannot fix it (403,
+    a missing bucket, a damaged output)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def content_hash(obj: Any, n: int = 16) -> str:
@@ -55,37 +66,75 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# A 404 or 403 does not go away by asking again; a dropped connection, a timeout, a 5xx or a
+# throttling answer (429, 503 SlowDown) may.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError (s3fs raises it as the cause of an OSError)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
 def _transient(exc: BaseException) -> bool:
-    """Connection resets, timeouts and 5xx are worth retrying; a 403 or a missing bucket is not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return True
-    text = f"{type(exc).__name__} {exc}"
-    return any(s in text for s in ("500", "502", "503", "504", "Timeout", "Connect", "SlowDown"))
+    """Whether a store call that raised `exc` is worth repeating, judged by type (and HTTP status)."""
+    chain = []
+    while exc is not None and len(chain) < 5:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, _PERMANENT):
+            return False
+        status = _http_status(e)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            return True
+        if _botocore_transient is not None and isinstance(e, _botocore_transient):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
 
 
-# Defaults of `with_retries`: 5 tries, waits of ~1, 2, 4, 8 s (x0.5-1.5 jitter) between them, so an
-# outage of up to ~10 s is ridden out and a store that stays down fails in about 15 s.
+try:  # s3fs's client: its connection and timeout errors are not builtin ConnectionErrors
+    from botocore.exceptions import ConnectionError as _BotoConnectionError
+    from botocore.exceptions import HTTPClientError as _BotoHTTPClientError
+
+    _botocore_transient: tuple | None = (_BotoConnectionError, _BotoHTTPClientError)
+except ImportError:  # pragma: no cover - botocore comes with s3fs, a dependency
+    _botocore_transient = None
+
+
+# Defaults of `with_retries`: 5 tries, waits of 1, 2, 4, 8 s (+ up to 1 s of jitter each) between
+# them, so an outage of several seconds is ridden out and a store that stays down fails in ~15-20 s.
 STORE_ATTEMPTS = 5
 STORE_BASE_DELAY = 1.0
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
-    """Run a store operation, retrying transient faults with exponential backoff and jitter."""
+    """Run a store call; transient faults are retried by tenacity (bounded exponential backoff with
+    jitter), anything else fails at once. Either way the error is a StoreError naming `what`.
+    The one retry layer for the store: botocore's and s3fs's own are off (see ArtifactStore)."""
     attempts = attempts or STORE_ATTEMPTS
     base_delay = STORE_BASE_DELAY if base_delay is None else base_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not _transient(exc):
-                raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
-            if attempt == attempts:
-                raise StoreError(f"{what}: still failing after {attempts} attempts: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-            time.sleep(base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=base_delay, max=30 * base_delay)
+        + tenacity.wait_random(0, base_delay),
+        reraise=True)
+    try:
+        return retrying(fn)
+    except Exception as exc:  # noqa: BLE001 - wrapped with what was being done
+        if not _transient(exc):
+            raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise StoreError(f"{what}: still failing after {attempts} attempts: {type(exc).__name__}: {exc}",
+                         transient=True) from exc
 
 
 def _mismatch(local: Path, manifest: dict, full: bool) -> str | None:
@@ -149,7 +198,7 @@ class ArtifactStore:
             self.fs = fsspec.filesystem("file")
         elif scheme == "s3":
             self.root = rest
-            # One try per call in botocore and s3fs: `with_retries` owns the retry policy (backoff,
+            # One try per call in botocore and s3fs: `with_retries` is the one retry layer (backoff,
             # jitter, a bounded total), so a store that is down fails in seconds, not minutes.
             kwargs: dict[str, Any] = {"config_kwargs": {
                 "connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 1, "mode": "standard"}}}

@@ -29,7 +29,7 @@ from slmforge.report import markdown_table
 from tasks.dataset import validate_data
 from tasks.gpu import gpu_slot
 from tasks.model import materialise_base
-from tasks.retry import gpu_retry, is_transient
+from tasks.retry import crash_on_device_error, gpu_retry, must_propagate
 from slmforge.storage import MANIFEST, ArtifactStore, content_hash
 
 STORE_PREFIX = "store:"
@@ -120,14 +120,14 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
     """`limit`: the concurrency limit to hold, already checked to exist by the flow (None = none)."""
     gpu = M.on_gpu()
     directory = model_dir(entry, store)
-    with gpu_slot(limit or "", strict=False), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
+    with gpu_slot(limit or "", strict=False), crash_on_device_error(), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
             eval_max_new_tokens=cfg.eval_max_new_tokens(gpu), eval_batch_size=cfg.eval.batch_size,
             speed_new_tokens=cfg.speed_new_tokens(gpu), batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
             warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_tokens(gpu),
             rt=decide(cfg.compute_dtype, cfg.attn_implementation),
-            seed=cfg.eval.seed, reraise=is_transient, log=log)
+            seed=cfg.eval.seed, reraise=must_propagate, log=log)
     return {"model": entry["name"], "spec": entry["spec"], "source_label": entry.get("source_label"), **row}
 
 

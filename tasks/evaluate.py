@@ -23,7 +23,8 @@ from slmforge.merging import describe_check, load_trained
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
-from tasks.retry import gpu_retry
+from tasks import faults
+from tasks.retry import crash_on_device_error, gpu_retry
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -83,6 +84,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
         (store.get_dir(adapter["key"]) / "train_metrics.json").read_text())["loss_curve"], staging / "loss_curve.png")
     R.bars_chart(results, staging / "key_accuracy_by_part.png", "by_part")
     R.bars_chart(results, staging / "key_accuracy_by_category.png", "by_category")
+    faults.kill_point("evaluate", store.cache_dir, log)
     table = R.comparison_rows(summaries)
     samples = R.samples_table(results, cfg.samples)
     report = {
@@ -140,7 +142,7 @@ def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, model: Mode
              storage: StorageConfig, run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    with gpu_slot():
+    with gpu_slot(), crash_on_device_error():
         record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
     create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics: base, trained (adapter on 4-bit), published (merged)")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")

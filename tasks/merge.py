@@ -17,7 +17,8 @@ from slmforge.records import read_jsonl
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
-from tasks.retry import gpu_retry
+from tasks import faults
+from tasks.retry import crash_on_device_error, gpu_retry
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -43,6 +44,7 @@ def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_c
                            save_dtype=rt.weights_torch_dtype if rt.on_gpu else torch.bfloat16, rt=rt)
             tokenizer = M.load_tokenizer(adapter_dir)
             tokenizer.save_pretrained(staging)
+            faults.kill_point("merge", store.cache_dir, log)
             # the check reads the files that will be committed, loaded as evaluation loads them
             published = M.load_model(staging, "weights", rt)
             trained = G.load_trained(quantized_dir, adapter_dir, rt)
@@ -70,6 +72,6 @@ def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_c
       **gpu_retry())
 def merge_adapter(adapter: dict, base: dict, dataset: dict, model: ModelConfig, merge: MergeConfig,
                   eval: EvalConfig, storage: StorageConfig) -> dict:
-    with gpu_slot():
+    with gpu_slot(), crash_on_device_error():
         return run_merge(adapter, base, dataset, merge, eval, ArtifactStore.from_config(storage),
                          get_run_logger().info, model)

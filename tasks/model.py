@@ -13,7 +13,7 @@ from slmforge import runtime as R
 from slmforge.config import ModelConfig, StorageConfig
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
-from tasks.retry import gpu_retry
+from tasks.retry import crash_on_device_error, gpu_retry
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -63,7 +63,7 @@ def load_base_model(model: ModelConfig, storage: StorageConfig) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
     base = materialise_base(model, store, logger.info)
-    with gpu_slot():
+    with gpu_slot(), crash_on_device_error():
         quantized = quantize_base(model, base, store, logger.info)
     logger.info("base %s (%s params), quantized footprint %.0f MB", model.source,
                 f"{base.get('n_params', 0) / 1e6:.0f}M", quantized["footprint_bytes"] / 1e6)

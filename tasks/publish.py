@@ -24,6 +24,7 @@ from slmforge import publishing as P
 from slmforge.config import FinetuneConfig
 from slmforge.storage import MANIFEST, ArtifactStore, content_hash, sha256_file
 from tasks.caching import STAGE_CACHE
+from tasks.retry import retry_transient
 from tasks.secrets import hub_token_source
 
 RECORD = publish_record.INDEX
@@ -193,20 +194,8 @@ def _run_info() -> tuple[str | None, str | None, str | None]:
     return name, run_id, url
 
 
-def _retry_unless_publish_error(task, task_run, state) -> bool:
-    """A PublishError already had its own bounded retries (or cannot be fixed by one: a bad token);
-    anything else (the store, say) gets the task's retries."""
-    try:
-        state.result()
-    except PublishError:
-        return False
-    except Exception:  # noqa: BLE001
-        return True
-    return False
-
-
 @task(name="publish", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless_publish_error)
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, evaluation: dict,
             merged: dict | None = None) -> dict:
     """Cached like the other stages; on a cache miss the store's published record still makes a

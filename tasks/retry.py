@@ -1,36 +1,108 @@
-"""Retries for GPU-heavy stages: only transient faults (out of memory, driver/NCCL hiccups,
-storage timeouts) are retried, with exponential backoff and jitter; bad config or data fails
-at once, since retrying cannot fix it."""
+"""One retry policy for the stages, decided by exception type (never by message text) and logged.
+
+The layers do not nest: the store client retries its own transient faults (`slmforge.storage`,
+tenacity, ~15 s) and the Hub push its own (`slmforge.publishing`); a stage is retried whole only
+for what a fresh attempt of the stage can fix:
+
+- out of memory (`torch.OutOfMemoryError`, `MemoryError`): the retry frees memory, and the train
+  stage halves the micro-batch (same effective batch) and resumes from its last checkpoint;
+- a store the client gave up on after its retries (`StoreError.transient`): later it may be back.
+
+A CUDA error (`torch.AcceleratorError`: a device-side assert, an illegal address, an ECC error) or
+an NCCL failure can leave the device context unusable for the rest of the process, so it is never
+retried in it: the stage raises `DeviceUnusable`, which Prefect records as a crash, and the
+deployments' crash re-run automation starts the run again in a fresh process (finished stages
+cached, training resumed from its checkpoint). Everything else fails at once.
+"""
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
+import torch
 from prefect.tasks import exponential_backoff
 
-TRANSIENT = ("out of memory", "CUDA error", "NCCL", "cudaError", "Connection", "Timeout", "timed out",
-             "503", "502", "500 ", "SlowDown", "temporarily unavailable")
-PERMANENT = ("ConfigError", "DataError", "ModelSourceError", "MergeError", "ValueError", "KeyError",
-             "TypeError", "FileNotFoundError")
+from slmforge.storage import StoreError
+
+
+class DeviceUnusable(BaseException):
+    """A device error after which this process's GPU context cannot be trusted. A BaseException, so
+    Prefect ends the task and the flow run `Crashed` (no in-process retry) and the crash re-run
+    automation starts a fresh process."""
+
+
+def _device_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [torch.AcceleratorError]
+    try:
+        from torch.distributed import DistBackendError  # NCCL/gloo failures inside a collective
+
+        errors.append(DistBackendError)
+    except ImportError:  # pragma: no cover - a torch built without distributed
+        pass
+    return tuple(errors)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
+def decide(exc: BaseException) -> tuple[bool, str]:
+    """(retry the stage?, why) for the exception a stage attempt raised."""
+    name = type(exc).__name__
+    flagged = getattr(exc, "retryable", None)  # e.g. TrainingMemoryError: out of memory at the floor
+    if flagged is not None:
+        return bool(flagged), f"{name} is marked {'retryable' if flagged else 'not retryable'}"
+    if is_out_of_memory(exc):
+        return True, "out of memory: a fresh attempt frees memory (training: half the micro-batch, same effective batch)"
+    if isinstance(exc, StoreError):
+        if exc.transient:
+            return True, "the store stayed unreachable through the client's own retries: a later attempt may find it back"
+        return False, "the store refused or holds something unusable: retrying cannot fix it"
+    return False, f"{name} is not a transient fault: retrying cannot fix it"
 
 
 def is_transient(exc: BaseException) -> bool:
-    flagged = getattr(exc, "retryable", None)  # e.g. TrainingMemoryError: out of memory at the floor
-    if flagged is not None:
-        return bool(flagged)
-    name = type(exc).__name__
-    if name in PERMANENT and "out of memory" not in str(exc):
-        return False
-    if name in ("OutOfMemoryError",):
-        return True
-    text = f"{name}: {exc}"
-    return any(s in text for s in TRANSIENT)
+    return decide(exc)[0]
+
+
+def must_propagate(exc: BaseException) -> bool:
+    """For code that records an error and goes on (compare's rows): what must still leave the stage,
+    a fault a retry can fix or a device error the process must not go on after."""
+    return is_transient(exc) or isinstance(exc, _device_errors())
+
+
+def _logger():
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("slmforge.retry")
 
 
 def retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: the decision above, logged with its reason."""
     try:
         state.result()
-    except Exception as exc:  # noqa: BLE001
-        return is_transient(exc)
+    except Exception as exc:  # noqa: BLE001 - classified by decide()
+        retry, why = decide(exc)
+        _logger().warning("%s: %s after %s: %s", task.name, "retrying" if retry else "not retrying",
+                          type(exc).__name__, why)
+        return retry
     return False
+
+
+@contextmanager
+def crash_on_device_error():
+    """Turn a CUDA/NCCL error raised inside into DeviceUnusable (see the module docstring)."""
+    try:
+        yield
+    except _device_errors() as exc:
+        raise DeviceUnusable(
+            f"{type(exc).__name__}: {exc} -- the device context may be unusable: not retried in this process; "
+            "the crash re-run starts the run again in a fresh one") from exc
 
 
 def gpu_retry(retries: int = 2) -> dict:

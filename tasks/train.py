@@ -22,9 +22,10 @@ from slmforge import training as T
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
 from slmforge.records import read_jsonl
 from slmforge.report import loss_chart
+from tasks import faults
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
-from tasks.retry import gpu_retry
+from tasks.retry import crash_on_device_error, gpu_retry, is_out_of_memory, is_transient
 from slmforge.storage import MANIFEST, ArtifactStore, StoreError, content_hash
 
 # task-run id -> how many times an attempt ran out of memory (retries run in the same process)
@@ -32,29 +33,12 @@ _OOM_HALVINGS: dict[str, int] = {}
 MIN_MICRO_BATCH = 1
 KEEP_CHECKPOINTS = 2  # complete checkpoints kept in the store per adapter while it trains
 
-# Test-only fault injection, comma-separated: `oom:N` raises a CUDA out-of-memory error on the first
-# N attempts of the training task (after the base loaded); `kill-after-checkpoint` SIGKILLs the
-# process once the first checkpoint of a fresh (not resumed) run is in the store. Unset in production.
-FAULT_ENV = "SLMFORGE_INJECT_FAULT"
 
 
 class TrainingMemoryError(RuntimeError):
     """Out of memory even at the smallest micro-batch: retrying cannot help (not retried)."""
 
     retryable = False
-
-
-def injected_faults() -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        name, _, n = item.strip().partition(":")
-        if name:
-            out[name] = int(n) if n.strip().isdigit() else 1
-    return out
-
-
-def is_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
@@ -138,7 +122,7 @@ def _checkpoint_uploader(store: ArtifactStore, key: str, work: Path, micro: int,
             return
         log(f"checkpoint {step} saved: {store.uri(ckpt_key)}")
         if kill_after:
-            log(f"{FAULT_ENV}: killing this process after checkpoint {step}")
+            log(f"{faults.FAULT_ENV}: killing this process after checkpoint {step}")
             os.kill(os.getpid(), signal.SIGKILL)
 
     return upload
@@ -160,18 +144,15 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     work = store.cache_dir / "checkpoints" / key  # local working copy; the store holds the durable one
     work.mkdir(parents=True, exist_ok=True)
     resume_step = restore_checkpoint(store, checkpoint_prefix(key), work, log)
-    faults = injected_faults()
-    upload = _checkpoint_uploader(store, key, work, micro, accum,
-                                  kill_after="kill-after-checkpoint" in faults and resume_step is None, log=log)
+    upload = _checkpoint_uploader(store, key, work, micro, accum, log=log,
+                                  kill_after="kill-after-checkpoint" in faults.injected() and resume_step is None)
     rt = R.for_config(model_cfg, cfg)
     log(f"runtime: {rt.describe()}")
     model = M.load_model(model_dir, "saved", rt)
     tokenizer = M.load_tokenizer(model_dir)
+    fault_hook = faults.in_training_step(model, attempt, accum, log)
     try:
-        if attempt <= faults.get("oom", 0):
-            raise torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by {FAULT_ENV}, attempt {attempt}, "
-                f"micro-batch {micro})")
+        faults.at_model_loaded(attempt, micro)
         peft_model, result = T.train(model, tokenizer, train_recs, val_recs or None, lora, cfg, work,
                                      progress=progress, micro_batch=micro, grad_accum=accum,
                                      save_steps=cfg.save_steps, on_checkpoint=upload,
@@ -181,6 +162,8 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
         loss_chart(result.loss_curve, staging / "loss_curve.png")
         del peft_model
     finally:
+        if fault_hook is not None:
+            fault_hook.remove()
         del model
         M.free_memory()
     train = {k: v for k, v in result.to_dict().items() if k != "loss_curve"}
@@ -243,31 +226,36 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
             last["pct"] = pct
             update_progress_artifact(artifact_id=artifact, progress=pct)
 
+    failure: BaseException | None = None
     try:
-        with gpu_slot():
+        with gpu_slot(), crash_on_device_error():
             record = run_training(dataset, base, model, lora, train, store, progress,
                                   halvings=halvings, log=logger.info, attempt=attempt)
     except Exception as exc:
-        oom = is_oom(exc)
-        # the traceback's frames hold the model, the optimizer and the batch: drop them so the
-        # memory is really free before Prefect runs the retry in this same process
-        traceback.clear_frames(exc.__traceback__)
-        M.free_memory()
-        if not oom:
+        if not is_transient(exc):
+            traceback.clear_frames(exc.__traceback__)
             raise
+        # A retry runs in this same process. The exception's traceback holds the failed attempt's
+        # model, optimizer and batch (and clearing its frames is not enough: measured, the model
+        # stayed alive), so it is not kept: a fresh exception of the same kind carries the message.
+        failure = (torch.OutOfMemoryError(str(exc)) if is_out_of_memory(exc)
+                   else StoreError(str(exc), transient=True))
+    if failure is not None:
+        M.free_memory()
+        if not is_out_of_memory(failure):
+            raise failure
         if micro <= MIN_MICRO_BATCH:
             tokens = dataset.get("stats", {}).get("train", {}).get("max_tokens") or 512
             raise TrainingMemoryError(
                 f"train.batch_size: out of memory even at micro-batch {micro} x accumulation {accum} "
                 f"(gradient checkpointing {'on' if R.for_config(model, train).gradient_checkpointing else 'off'})."
                 f"{memory_advice(train, lora, base, store, tokens)} Turn on train.gradient_checkpointing, lower "
-                "data.max_length or lora.r, or use a larger GPU."
-            ) from None
+                "data.max_length or lora.r, or use a larger GPU.")
         _OOM_HALVINGS[run_id] = halvings + 1
         nxt, nxt_accum = micro_batch_after_ooms(train, halvings + 1)
         logger.warning("out of memory at micro-batch %d x accumulation %d; the retry uses micro-batch %d x "
                        "accumulation %d (effective batch %d unchanged)", micro, accum, nxt, nxt_accum, nxt * nxt_accum)
-        raise
+        raise failure
     _OOM_HALVINGS.pop(run_id, None)
     t = record["train"]
     logger.info("trained %d steps (%.2f epochs) in %.0fs, final train loss %.4f, adapter %s, micro-batch %d x "

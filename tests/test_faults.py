@@ -311,20 +311,143 @@ def test_out_of_memory_at_micro_batch_one_fails_at_once_saying_what_would_fit(pr
     assert _task_run_count(state) == 1, "retrying cannot help: not retried"
 
 
-def test_only_transient_faults_are_retried():
-    import torch
+def test_out_of_memory_inside_a_step_resumes_its_checkpoint_at_half_the_micro_batch(prefect_api, prepared, tmp_path,
+                                                                                 monkeypatch):
+    """The OOM strikes inside the forward pass of step 3, after checkpoint 2 is in the store: the
+    retry (same process) frees the failed attempt's model, resumes from checkpoint 2 at micro-batch 1
+    x accumulation 2 (effective batch 2 unchanged) and ends at step 4, with the loss curve of a run
+    that never failed."""
+    import gc
+    import weakref
 
-    from slmforge.config import ConfigError
-    from slmforge.data import DataError
-    from tasks.retry import is_transient
-    from tasks.train import TrainingMemoryError
+    from prefect.cache_policies import NO_CACHE
 
-    assert is_transient(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert is_transient(RuntimeError("NCCL error: unhandled system error"))
-    assert is_transient(StoreError("uploading s3://b/k: still failing: EndpointConnectionError: Connection refused"))
-    assert not is_transient(ConfigError("train.epochs: bad"))
-    assert not is_transient(DataError("bad.jsonl: line 2"))
-    assert not is_transient(TrainingMemoryError("out of memory even at micro-batch 1"))
+    from tasks import faults
+    from tasks.train import run_training, train_qlora
+
+    store = _copy_store(prepared, tmp_path / "store")
+    monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom-in-step:3")
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    hooked = []
+    real_hook = faults.in_training_step
+
+    def remember(model, attempt, grad_accum, log=print):  # which models the attempts trained
+        gc.collect()
+        hooked.append((attempt, [r() is not None for _, _, r in hooked], weakref.ref(model)))
+        return real_hook(model, attempt, grad_accum, log)
+
+    monkeypatch.setattr(faults, "in_training_step", remember)
+    train = TrainConfig(**{**TRAIN, "batch_size": 2, "grad_accum": 1})
+    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
+                                    persist_result=False)
+    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train,
+                 StorageConfig(url=store.url), return_state=True)
+    assert state.is_completed(), state
+    t = state.result()["train"]
+    assert (t["micro_batch"], t["grad_accum"], t["effective_batch"]) == (1, 2, 2)
+    assert (t["oom_retries"], t["attempt"], t["resumed_from_step"], t["steps"]) == (1, 2, 2, 4)
+    assert _task_run_count(state) == 2
+    assert [a for a, _, _ in hooked] == [1, 2]
+    assert hooked[1][1] == [False], "the failed attempt's model was freed before the retry loaded its own"
+
+    monkeypatch.delenv("SLMFORGE_INJECT_FAULT")
+    clean = _copy_store(prepared, tmp_path / "clean")
+    reference = run_training(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train, clean,
+                             log=_quiet)
+    resumed, uninterrupted = _train_losses(store, state.result()["key"]), _train_losses(clean, reference["key"])
+    assert [s for s, _ in resumed] == [s for s, _ in uninterrupted] == [1, 2, 3, 4]
+    # steps 3-4 ran as 2 micro-batches of 1 instead of 1 of 2: the same sums in another order
+    assert [x for _, x in resumed] == pytest.approx([x for _, x in uninterrupted], rel=1e-3), (resumed, uninterrupted)
+
+
+def test_a_cuda_error_is_not_retried_in_the_process_and_crashes_the_run(prefect_api, prepared, tmp_path, monkeypatch):
+    """A device-side assert can leave the CUDA context unusable: the stage is not retried in the
+    same process (one attempt despite retries=2) and the flow run ends Crashed, the state the crash
+    re-run automation starts a fresh process for."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.cache_policies import NO_CACHE
+    from prefect.client.orchestration import get_client
+
+    from tasks.retry import DeviceUnusable
+    from tasks.train import train_qlora
+
+    store = _copy_store(prepared, tmp_path / "store")
+    monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "cuda-error")
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
+                                    persist_result=False)
+    run_ids = []
+
+    @flow(name="one-stage")
+    def one_stage():
+        from prefect.runtime import flow_run
+
+        run_ids.append(flow_run.get_id())
+        return task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), TrainConfig(**TRAIN),
+                    StorageConfig(url=store.url))
+
+    with pytest.raises(DeviceUnusable, match="device-side assert.*not retried in this process"):
+        one_stage()
+
+    async def states():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            run = await client.read_flow_run(run_ids[0])
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            return run.state.type.value, [(t.state.type.value, t.run_count) for t in tasks]
+
+    flow_state, task_states = asyncio.run(states())
+    assert flow_state == "CRASHED"
+    assert task_states == [("CRASHED", 1)]
+
+
+_TINY_FLOW = ["data.train_limit=16", "data.test_limit=6", "data.max_length=256", "train.max_steps=2",
+              "train.batch_size=4", "eval.max_new_tokens=4", "eval.batch_size=6", "merge.min_answer_agreement=0"]
+
+
+def test_killed_mid_merge_and_mid_evaluate_the_rerun_completes_and_reads_nothing_half_written(
+        prefect_api, tiny_model_dir, tmp_path):
+    """`slmforge finetune` SIGKILLed with the merged weights half-staged, then again with the
+    evaluation half-staged; each re-run serves the finished stages from the cache, never reads a
+    staged output, sweeps the dead process's staging directory and completes."""
+    from prefect.settings import PREFECT_API_URL
+
+    store_dir = tmp_path / "store"
+    store = ArtifactStore(f"file://{store_dir}")
+    sets = [f"model.source={tiny_model_dir}", f"storage.url={store.url}", *_TINY_FLOW]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(PROJECT),
+           "SLMFORGE_CACHE_DIR": str(tmp_path / "cache"), "SLMFORGE_INJECT_FAULT": "kill-in-merge,kill-in-evaluate"}
+
+    def run():
+        return subprocess.run([sys.executable, "-m", "flows.cli", "finetune", *(a for x in sets for a in ("--set", x))],
+                              cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+
+    def staged(prefix):
+        return [p for p in (store_dir / prefix).glob("*.tmp-*")] if (store_dir / prefix).is_dir() else []
+
+    first = run()
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert "killing this process in merge" in first.stdout + first.stderr
+    assert [p.name for p in staged("merged")] and any(staged("merged")[0].glob("*.safetensors")), "weights half-staged"
+    assert not list((store_dir / "merged").glob(f"*/{MANIFEST}")), "nothing committed"
+
+    second = run()
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    assert "killing this process in evaluate" in second.stdout + second.stderr
+    assert not staged("merged"), "the dead process's staging directory is swept"
+    assert len(list((store_dir / "merged").glob(f"*/{MANIFEST}"))) == 1
+    assert any(staged("eval")[0].glob("*.png")), "the evaluation half-staged"
+
+    third = run()
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Where everything went" in third.stdout
+    assert not staged("merged") and not staged("eval")
+    assert not [p for p in store_dir.rglob("*.tmp-*")], "no leftovers anywhere"
+    for manifest in store_dir.rglob(MANIFEST):
+        store.get_dir(manifest.parent.relative_to(store_dir).as_posix(), verify="full")
 
 
 # -- determinism ----------------------------------------------------------------------------------

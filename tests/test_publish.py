@@ -470,17 +470,5 @@ def test_result_hash_depends_on_what_is_published(inputs, hub):
     assert h != T.result_hash(cfg, {"key": "adapters/other"}, inputs.evaluation, inputs.merged)
 
 
-def test_task_retries_only_what_push_did_not_already_retry():
-    class State:
-        def __init__(self, exc):
-            self.exc = exc
-
-        def result(self):
-            if self.exc:
-                raise self.exc
-            return {}
-
-    assert T._retry_unless_publish_error(None, None, State(P.PublishError("Hub rejected the token"))) is False
-    assert T._retry_unless_publish_error(None, None, State(OSError("store hiccup"))) is True
-    assert T._retry_unless_publish_error(None, None, State(None)) is False
+def test_run_info_outside_a_flow_run():
     assert T._run_info()[0] is None  # outside a flow run: no name, no crash
