@@ -178,29 +178,46 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
                region: str | None = None, cuda_visible_devices: str | None = "0",
                aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
                webhook_url: str | None = None, gpu_limit: int = 1, source: Path | str = PROJECT_DIR,
+               nightly_config: str | Path | None = None, nightly_overrides: list[str] | tuple[str, ...] = (),
                log=print) -> dict[str, Any]:
     """Create or update the pool, limits, blocks, deployments and automation. Returns their ids/names.
 
+    `nightly_config` (YAML) and `nightly_overrides` (`key=value`) are the finetune settings the
+    nightly deployment runs with (its default parameters: what a scheduled run and the UI's Run
+    button use), read and validated by the same `load_config` as `slmforge finetune`; the store
+    is always `storage_url`.
     `endpoint_url`/`region` default to AWS_ENDPOINT_URL/AWS_DEFAULT_REGION of this process.
     Credentials: given keys go into Secret blocks that the pool's env references; without them the
     flow runs use whatever the worker's environment provides (an instance role, AWS_* variables).
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    nightly = nightly_settings(nightly_config, nightly_overrides)  # a bad setting fails before anything changes
     endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("AWS_ENDPOINT_URL")
     region = region if region is not None else os.environ.get("AWS_DEFAULT_REGION")
     if api_url:
         with temporary_settings({PREFECT_API_URL: api_url}):
             return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
                                cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url,
-                               gpu_limit, Path(source), log)
+                               gpu_limit, Path(source), nightly, log)
     return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
                        cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url, gpu_limit,
-                       Path(source), log)
+                       Path(source), nightly, log)
+
+
+def nightly_settings(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> dict:
+    """The nightly's finetune settings as data (validated; ConfigError names the field). The store is
+    the deployment's, so `storage.*` cannot be set here."""
+    from slmforge.config import ConfigError, load_config
+
+    if any(o.strip().startswith("storage.") for o in overrides):
+        raise ConfigError("--nightly-set storage.*: the nightly deployment's store is --storage-url / the stack's bucket")
+    cfg = load_config(path, list(overrides))
+    return cfg.model_dump(mode="json", exclude={"storage"})
 
 
 def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_visible_devices, key_id, key,
-                webhook_url, gpu_limit, source: Path, log) -> dict[str, Any]:
+                webhook_url, gpu_limit, source: Path, nightly: dict, log) -> dict[str, Any]:
     from prefect import flow as prefect_flow
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
@@ -223,7 +240,7 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         # s3fs needs the endpoint in the block's settings (credentials stay in the environment).
         out["result_storage"] = result_storage(storage).basepath
 
-        cfg = FinetuneConfig(storage=storage)
+        cfg = FinetuneConfig.model_validate({**nightly, "storage": storage.model_dump()})
         finetune = prefect_flow.from_source(source=str(source), entrypoint="flows/finetune.py:finetune")
         nightly_id = finetune.deploy(
             name=NIGHTLY, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone)],
@@ -276,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="store this shell's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in Secret blocks that the "
                         "work pool passes to flow runs (default: the worker's own environment provides them)")
     p.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"))
+    p.add_argument("--nightly-config", metavar="FILE.yaml", help="finetune settings of the nightly runs (YAML)")
+    p.add_argument("--nightly-set", dest="nightly_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one finetune setting of the nightly runs (repeatable), e.g. train.epochs=3")
     args = p.parse_args(argv)
     key_id = os.environ.get("AWS_ACCESS_KEY_ID") if args.credentials_from_env else None
     key = os.environ.get("AWS_SECRET_ACCESS_KEY") if args.credentials_from_env else None
     deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
                endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
-               aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url)
+               aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url,
+               nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides)
     return 0
 
 

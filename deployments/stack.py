@@ -56,6 +56,8 @@ class StackSettings:
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
     webhook_url: str | None = None
+    nightly_config: str | None = None              # finetune settings of finetune/nightly (YAML) ...
+    nightly_overrides: tuple[str, ...] = ()        # ... and `key=value` overrides: its default parameters
     cuda_visible_devices: str = "0"
     region: str = "us-east-1"
     worker_query_seconds: int = 2
@@ -403,7 +405,8 @@ def _configure(settings: StackSettings, log) -> dict[str, Any]:
                       storage_url=settings.storage_url, endpoint_url=settings.s3_endpoint, region=settings.region,
                       cuda_visible_devices=settings.cuda_visible_devices,
                       aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-                      webhook_url=settings.webhook_url, log=log)
+                      webhook_url=settings.webhook_url, nightly_config=settings.nightly_config,
+                      nightly_overrides=settings.nightly_overrides, log=log)
 
 
 def up(settings: StackSettings, log=print) -> dict[str, Any]:

@@ -78,6 +78,11 @@ def _add_stack_commands(sub) -> None:
     up.add_argument("--bucket", default="slmforge", help="the bucket for artifacts and task results")
     up.add_argument("--cron", default="0 2 * * *", help="schedule of finetune/nightly (default 02:00)")
     up.add_argument("--timezone", default="UTC", help="time zone of the schedule, e.g. Asia/Seoul (default UTC)")
+    up.add_argument("--nightly-config", metavar="FILE.yaml",
+                    help="finetune settings the nightly runs with (YAML, as `slmforge finetune --config`)")
+    up.add_argument("--nightly-set", dest="nightly_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="one finetune setting of the nightly runs (repeatable), e.g. --nightly-set train.epochs=3; "
+                         "these become the deployment's default parameters (scheduled runs, the UI's Run button)")
     up.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"),
                     help="post failed or crashed nightly runs here (default SLMFORGE_WEBHOOK_URL; none: no notifications)")
     down = sub.add_parser("down", help="stop exactly what `slmforge up` started; the data is kept",
@@ -93,13 +98,20 @@ def _stack_settings(args):
     if args.command == "down":
         return StackSettings(state_dir=state_dir)
     return StackSettings(state_dir=state_dir, port=args.port, s3_port=args.s3_port, bucket=args.bucket,
-                         cron=args.cron, timezone=args.timezone, webhook_url=args.webhook_url or None)
+                         cron=args.cron, timezone=args.timezone, webhook_url=args.webhook_url or None,
+                         nightly_config=args.nightly_config, nightly_overrides=tuple(args.nightly_overrides))
 
 
 def cmd_up(args) -> int:
     from deployments.stack import StackError, how_to_use, up
 
+    from deployments.deploy import nightly_settings
+
     settings = _stack_settings(args)
+    try:  # a bad nightly setting fails before anything starts
+        nightly_settings(settings.nightly_config, settings.nightly_overrides)
+    except ConfigError as e:
+        return _fail(str(e))
     try:
         state = up(settings)
     except StackError as e:

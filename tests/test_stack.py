@@ -61,9 +61,10 @@ class Webhook:
 class Stack:
     """`slmforge up/down` as a user runs them, on ports of its own, plus ways to look inside."""
 
-    def __init__(self, root: Path, webhook: Webhook):
+    def __init__(self, root: Path, webhook: Webhook, tiny_model_dir: Path):
         self.state_dir = root / "stack"
         self.webhook = webhook
+        self.tiny_model_dir = tiny_model_dir
         self.port = free_block(1)
         self.s3_port = free_block(9, also=(10008,))  # SeaweedFS: see StackSettings.weed_ports
         while self.port in StackSettings(s3_port=self.s3_port).weed_ports().values():
@@ -104,9 +105,17 @@ class Stack:
                                  f"\n{self.logs()}")
         return r
 
-    def up(self) -> subprocess.CompletedProcess:
+    def nightly_settings(self) -> list[str]:
+        """The nightly deployment's own settings, small enough for a test: what `slmforge up
+        --nightly-set` makes its default parameters (the scheduled run and the UI form use them)."""
+        return [f"model.source={self.tiny_model_dir}", "data.train_limit=16", "data.test_limit=4",
+                "data.max_length=128", "train.max_steps=2", "train.batch_size=4", "eval.max_new_tokens=4",
+                "eval.batch_size=4", "eval.samples=2", "merge.min_answer_agreement=0"]
+
+    def up(self, cron: str = "0 2 * * *") -> subprocess.CompletedProcess:
         return self.run(["slmforge", "up", "--state-dir", str(self.state_dir), "--port", str(self.port),
-                         "--s3-port", str(self.s3_port), "--webhook-url", self.webhook.url])
+                         "--s3-port", str(self.s3_port), "--webhook-url", self.webhook.url, "--cron", cron,
+                         *(a for x in self.nightly_settings() for a in ("--nightly-set", x))])
 
     def down(self) -> subprocess.CompletedProcess:
         return self.run(["slmforge", "down", "--state-dir", str(self.state_dir)])
@@ -183,12 +192,12 @@ _SHARED: dict[str, Stack] = {}
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, tiny_model_dir):
     """One stack for test_stack.py and test_ui.py (which imports this fixture): `slmforge up` once,
     `slmforge down` at the end whatever happened."""
     if "stack" not in _SHARED:
         webhook = Webhook()
-        s = Stack(tmp_path_factory.mktemp("e2e"), webhook)
+        s = Stack(tmp_path_factory.mktemp("e2e"), webhook, tiny_model_dir)
         _SHARED["stack"] = s
         t0 = time.monotonic()
         try:
@@ -272,6 +281,9 @@ def test_up_creates_everything_once_and_is_idempotent(stack):
         assert nightly.work_pool_name == "gpu" and "nightly" in nightly.tags and nightly.description
         params = json.dumps(nightly.parameters)
         assert "AWS" not in params and nightly.parameters["cfg"]["storage"]["url"] == "s3://slmforge/store"
+        # `--nightly-set` made the nightly's own settings small: they are its default parameters
+        assert nightly.parameters["cfg"]["model"]["source"] == str(stack.tiny_model_dir)
+        assert nightly.parameters["cfg"]["train"]["max_steps"] == 2
         assert "cfg" in nightly.parameter_openapi_schema["properties"]  # the form the UI draws
         assert len(client.read_automations_by_name("slmforge: nightly finetune failed or crashed")) == 1
         workers = client.read_workers_for_work_pool("gpu")
@@ -367,6 +379,43 @@ def test_failed_nightly_run_is_posted_to_the_webhook(stack, tiny_model_dir):
     post = ours[-1]
     assert post["path"] == "/slmforge-hook"
     assert "Failed" in post["body"], post
+
+
+@e2e
+def test_the_schedule_fires_and_the_worker_runs_the_deployments_own_parameters(stack):
+    """`slmforge up --cron` for the coming minute: Prefect's scheduler creates the run (auto-scheduled,
+    with the deployment's default parameters, nothing passed by the test), the worker picks it up
+    when it is due and it completes. The 02:00 schedule is put back afterwards."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    soon = datetime.now(timezone.utc) + timedelta(seconds=20)
+    fire = soon.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    run = None
+    try:
+        stack.up(cron=f"{fire.minute} {fire.hour} * * *")
+        with stack.api() as client:
+            nightly = client.read_deployment_by_name("finetune/nightly")
+            deadline = time.monotonic() + (fire - datetime.now(timezone.utc)).total_seconds() + RUN_TIMEOUT
+            while time.monotonic() < deadline:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[nightly.id])))
+                due = [r for r in runs if r.auto_scheduled and r.expected_start_time == fire]
+                if due and due[0].state.is_final():
+                    run = due[0]
+                    break
+                time.sleep(2)
+            history = [s.name for s in client.read_flow_run_states(run.id)] if run else []
+    finally:
+        stack.up()  # the 02:00 schedule again, and no more runs at this minute
+    assert run is not None, f"no scheduled run for {fire} completed in time\n{stack.logs()}"
+    assert run.state.is_completed(), f"{run.state} {history}\n{stack.logs()}"
+    assert history[0] == "Scheduled" and "Running" in history, history
+    assert run.parameters == nightly.parameters, "the scheduled run ran the deployment's own parameters"
+    assert run.parameters["cfg"]["model"]["source"] == str(stack.tiny_model_dir)
+    states = stack.task_states(run.id)
+    assert all(states[s] in ("Completed", "Cached") for s in STAGES), states
 
 
 @e2e

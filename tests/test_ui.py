@@ -85,3 +85,48 @@ def test_ui_shows_the_nightly_schedule_and_run_artifacts(stack, browser, tiny_mo
     shutil.copyfile(shots[-1], "/tmp/slmforge-ui.png")
     shutil.copyfile(shots[0], "/tmp/slmforge-ui-deployment.png")
     assert all(s.stat().st_size > 10_000 for s in shots)
+
+
+def test_custom_run_form_submits_a_changed_setting_and_the_run_uses_it(stack, browser, tmp_path):  # noqa: F811
+    """Deployments → finetune/nightly → Run → Custom run: the form shows the deployment's own
+    settings; one is changed (train.max_steps 2 → 3) and submitted; the run that starts has that
+    setting and the others unchanged, and its adapter trained three steps."""
+    import json
+    import time
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    stack.ensure_up()
+    with stack.api() as client:
+        nightly = client.read_deployment_by_name("finetune/nightly")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(f"{stack.ui_url}/deployments/deployment/{nightly.id}/run")
+    label = page.locator(".schema-form-property__label", has_text="Max Steps")
+    field = page.locator(".schema-form-property", has=label).last.locator("input[type=number]")
+    assert field.input_value() == "2", "the form starts from the deployment's parameters"
+    field.fill("3")
+    name = page.locator(".p-label", has=page.get_by_text("Run Name", exact=True)).locator("input").first.input_value()
+    shot = _snap(page, tmp_path, "custom-run")
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url("**tab=Runs")
+    page.close()
+
+    deadline = time.monotonic() + 420
+    run = None
+    with stack.api() as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            run = runs[0] if runs else None
+            if run is not None and run.state.is_final():
+                break
+            time.sleep(2)
+    assert run is not None and run.state.is_completed(), f"{run and run.state}\n{stack.logs()}"
+    sent, default = run.parameters["cfg"], nightly.parameters["cfg"]
+    assert sent["train"]["max_steps"] == 3
+    assert {**sent, "train": {**sent["train"], "max_steps": 2}} == default, "only the changed setting differs"
+    fs = stack.s3()
+    steps = [json.loads(fs.cat(f))["steps"] for f in fs.find(f"{stack.bucket}/store/adapters")
+             if f.endswith("train_metrics.json")]
+    assert 3 in steps, steps
+    assert shot.stat().st_size > 10_000
