@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,9 @@ class ModelConfig(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype of the 4-bit layers; `auto` = bfloat16 on GPU, float32 on CPU."
     )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of the packed 4-bit weights; FSDP-QLoRA (train.fsdp) needs it equal to "
+        "the compute dtype so FSDP can shard them with the other parameters.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; `auto` picks FlashAttention 2 when installed on GPU, else SDPA."
     )
@@ -113,6 +116,41 @@ class TrainConfig(_Section):
         50, ge=1, description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
         "every N optimizer steps; a retried or re-run training resumes from the latest one.")
     seed: int = Field(42, description="Seed for adapter init and data order.")
+    # -- scaling out (README: Scaling out) --
+    processes: int | Literal["auto"] = Field(
+        1, description="Training processes on this node, launched by torchrun with DDP (NCCL on GPUs, gloo on "
+        "CPU), each with a whole replica on its own GPU; `auto` = one per visible GPU (1 on CPU). The effective "
+        "batch (batch_size x grad_accum) is kept: each process takes its share.")
+    nnodes: int = Field(1, ge=1, description="Nodes taking part (torchrun --nnodes); each other node runs the "
+                        "command the train stage logs.")
+    node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node-rank); 0 runs the flow.")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0's address) when "
+                                      "nnodes > 1 (torchrun --rdzv-endpoint, c10d backend).")
+    fsdp: bool = Field(False, description="FSDP-QLoRA: shard the 4-bit base and the adapter over the processes, for "
+                       "models that do not fit one GPU in 4-bit (GPUs only; the 4-bit weights are stored in the "
+                       "compute dtype, loaded once on CPU and sharded; the merge runs after, in one process).")
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _scale_out(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.rdzv_endpoint: nnodes > 1 needs the rendezvous host:port (node 0's address)")
+        if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", self.rdzv_endpoint):
+            raise ValueError(f"train.rdzv_endpoint: expected host:port, got {self.rdzv_endpoint!r}")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank: {self.node_rank} is not below train.nnodes ({self.nnodes})")
+        if self.fsdp and self.processes == 1 and self.nnodes == 1:
+            raise ValueError("train.fsdp: shards over several processes; set train.processes (e.g. auto) too")
+        if self.fsdp and self.packing:
+            raise ValueError("train.fsdp: not with train.packing (untested combination: packed rows are not "
+                             "sharded by length)")
+        return self
 
 
 class MergeConfig(_Section):
@@ -214,6 +252,23 @@ class FinetuneConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @model_validator(mode="after")
+    def _fsdp_qlora(self):
+        if self.train.fsdp and self.model.quant_storage == "uint8":
+            raise ValueError("train.fsdp: FSDP-QLoRA shards the 4-bit weights with the others, so they must be stored "
+                             "in the compute dtype: set model.quant_storage (bfloat16 on Ampere or newer GPUs)")
+        if (self.train.fsdp and self.model.compute_dtype != "auto"
+                and self.model.quant_storage != self.model.compute_dtype):
+            raise ValueError(f"model.quant_storage: {self.model.quant_storage} differs from model.compute_dtype "
+                             f"{self.model.compute_dtype}; FSDP-QLoRA needs them equal")
+        if self.train.fsdp and self.model.compute_dtype == "float32":
+            raise ValueError("train.fsdp: FSDP-QLoRA stores the 4-bit weights in the compute dtype; model.compute_dtype "
+                             "float32 would store them in 32 bits (use auto or bfloat16)")
+        if self.train.fsdp and not self.model.load_in_4bit:
+            raise ValueError("train.fsdp: this is FSDP-QLoRA (a 4-bit base); with model.load_in_4bit false use "
+                             "plain DDP (train.processes)")
+        return self
+
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names the field."""
@@ -250,7 +305,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
-        lines.append(f"{field}: {msg}")
+        named = re.match(r"Value error, ([\w.]+: .*)", msg, re.S)
+        lines.append(named.group(1) if named else f"{field}: {msg}")  # a check across fields names its own
     lines[0] += f" (invalid configuration: {origin})"
     return "\n  ".join(lines)
 

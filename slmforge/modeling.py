@@ -283,15 +283,17 @@ def on_gpu() -> bool:
 
 
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16, quant_type: str = "nf4",
-               double_quant: bool = True):
-    """The tutorial's §4 settings: 8-bit LLM.int8, or 4-bit NF4 with double quant."""
+               double_quant: bool = True, quant_storage: str = "uint8"):
+    """The tutorial's §4 settings: 8-bit LLM.int8, or 4-bit NF4 with double quant (packed weights
+    stored as uint8, or in the compute dtype for FSDP-QLoRA)."""
     from transformers import BitsAndBytesConfig
 
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if mode == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant)
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_quant_storage=getattr(torch, quant_storage))
     raise ValueError(f"unknown quantization mode {mode!r}")
 
 
@@ -299,7 +301,7 @@ UNQUANTIZED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 def load_model(model_dir: Path, mode: str = "weights", rt: Runtime | None = None, quant_type: str = "nf4",
-               double_quant: bool = True, cpu_fast_path: bool = False):
+               double_quant: bool = True, cpu_fast_path: bool = False, quant_storage: str = "uint8"):
     """Load a materialised (or pre-quantized) checkpoint where and how the runtime decision says
     (device map, dtypes, attention; `rt` defaults to this machine's decision for the defaults).
 
@@ -312,7 +314,8 @@ def load_model(model_dir: Path, mode: str = "weights", rt: Runtime | None = None
     rt = rt or decide()
     kwargs: dict = {"device_map": rt.device_map, "attn_implementation": rt.attn}
     if mode in ("4bit", "8bit"):
-        kwargs["quantization_config"] = bnb_config(mode, rt.compute_torch_dtype, quant_type, double_quant)
+        kwargs["quantization_config"] = bnb_config(mode, rt.compute_torch_dtype, quant_type, double_quant,
+                                                   quant_storage)
         kwargs["dtype"] = rt.weights_torch_dtype
     elif mode in ("saved", "weights"):  # saved: the checkpoint's config carries its quantization
         kwargs["dtype"] = rt.weights_torch_dtype

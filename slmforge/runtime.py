@@ -10,6 +10,7 @@ such as T4/V100; several GPUs; FlashAttention installed or not) is tested withou
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ class Hardware:
     gpu_bf16: bool = False  # Ampere or newer
     flash_attn: bool = False  # the flash_attn package is importable
     cpu_threads: int = 1
+    cpu_cores: int = 1  # logical CPUs of the machine (torch may use fewer threads)
 
     @classmethod
     def probe(cls) -> "Hardware":
@@ -39,7 +41,7 @@ class Hardware:
                    gpu_name=torch.cuda.get_device_name(0) if gpus else None,
                    gpu_bf16=bool(gpus) and torch.cuda.is_bf16_supported(),
                    flash_attn=importlib.util.find_spec("flash_attn") is not None,
-                   cpu_threads=torch.get_num_threads())
+                   cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -144,3 +146,54 @@ def for_config(model_cfg, train_cfg=None, hw: Hardware | None = None, local_rank
     """`decide()` from a ModelConfig (and TrainConfig)."""
     return decide(model_cfg.compute_dtype, model_cfg.attn_implementation,
                   train_cfg.gradient_checkpointing if train_cfg is not None else "auto", hw, local_rank)
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """How training spreads over processes: `per_node` on this node, `world` in all, each with its
+    share of the effective batch (`micro_batch` x `grad_accum` x `world` = batch_size x grad_accum)."""
+
+    per_node: int
+    world: int
+    micro_batch: int
+    grad_accum: int
+    backend: str  # "nccl" | "gloo"
+    fsdp: bool
+    reason: str
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | None = None) -> ProcessPlan:
+    """`train.processes`/`nnodes`/`fsdp` + hardware -> ProcessPlan, refused here (naming the field)
+    when the hardware or the batch cannot be split that way. `micro_batch` is a smaller per-step
+    micro-batch an out-of-memory retry chose (per process)."""
+    hw = hw or Hardware.probe()
+    effective = train_cfg.batch_size * train_cfg.grad_accum
+    if train_cfg.processes == "auto":
+        per_node = max(hw.gpus, 1)
+        why = f"auto: {hw.gpus} GPUs visible" if hw.gpus else "auto: no GPU, one process"
+    else:
+        per_node = train_cfg.processes
+        why = "set by train.processes"
+        if hw.gpus and per_node > hw.gpus:
+            raise RuntimeSettingError(f"train.processes: {per_node} processes but {hw.gpus} GPUs visible (one GPU "
+                                      "per process; use auto)")
+        if not hw.gpus and per_node > max(hw.cpu_cores, 1):
+            raise RuntimeSettingError(f"train.processes: {per_node} CPU processes on {hw.cpu_cores} cores")
+    world = per_node * train_cfg.nnodes
+    if train_cfg.fsdp and not hw.gpus:
+        raise RuntimeSettingError("train.fsdp: FSDP-QLoRA needs GPUs (bitsandbytes' 4-bit sharding runs on CUDA); "
+                                  "on CPU use train.processes alone (DDP over gloo)")
+    if effective % world:
+        raise RuntimeSettingError(f"train.batch_size: the effective batch {effective} (batch_size x grad_accum) "
+                                  f"does not split over {world} processes; make it a multiple of {world}")
+    share = effective // world
+    micro = min(micro_batch or train_cfg.batch_size, share)
+    micro = max(d for d in range(1, micro + 1) if share % d == 0)
+    return ProcessPlan(per_node=per_node, world=world, micro_batch=micro, grad_accum=share // micro,
+                       backend="nccl" if hw.gpus else "gloo", fsdp=train_cfg.fsdp,
+                       reason=f"{why}; {world} process(es) x micro-batch {micro} x accumulation {share // micro} "
+                              f"= effective batch {effective}")

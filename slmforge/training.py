@@ -41,6 +41,7 @@ class TrainResult:
     grad_accum: int
     resumed_from_step: int | None
     runtime: dict | None = None  # the runtime decision it ran under
+    world_size: int = 1  # training processes (torchrun); micro_batch and grad_accum are per process
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -142,6 +143,12 @@ def checkpoint_callback(output_dir: Path, micro_batch: int, grad_accum: int,
 
     class CheckpointDone(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            if _distributed():  # every rank has written its part (its RNG state) before rank 0 marks it done
+                import torch.distributed as dist
+
+                dist.barrier()
+            if not state.is_world_process_zero:
+                return
             ckpt = Path(output_dir) / f"checkpoint-{state.global_step}"
             if not (ckpt / "trainer_state.json").is_file():
                 return
@@ -152,6 +159,12 @@ def checkpoint_callback(output_dir: Path, micro_batch: int, grad_accum: int,
                 on_checkpoint(ckpt, state.global_step)
 
     return CheckpointDone()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def checkpoint_step(path: Path | str) -> int | None:
@@ -261,6 +274,7 @@ def train(
         grad_accum=grad_accum,
         resumed_from_step=resumed_step,
         runtime=rt.to_dict(),
+        world_size=trainer.args.world_size,
     )
     return trainer.model, result
 
@@ -318,7 +332,22 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         data_seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # DDP (torchrun): only the adapter trains, every step uses every LoRA parameter
+        ddp_find_unused_parameters=False,
+        **fsdp_arguments(cfg),
     )
+
+
+def fsdp_arguments(cfg: TrainConfig) -> dict:
+    """FSDP-QLoRA (`train.fsdp`): the trainer's FSDP settings as the FSDP-QLoRA recipe (Answer.AI,
+    accelerate's docs) has them: full sharding wrapped per decoder layer, the base loaded on CPU once
+    (rank 0) and broadcast, the original parameters kept for peft, a sharded state dict for
+    checkpoints. The 4-bit weights are stored in the compute dtype (`model.quant_storage`, checked by the config)."""
+    if not getattr(cfg, "fsdp", False):
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"cpu_ram_efficient_loading": True, "sync_module_states": True, "use_orig_params": False,
+                            "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": False}}
 
 
 def save_adapter(peft_model, tokenizer, out_dir: Path, result: TrainResult) -> None:

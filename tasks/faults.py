@@ -6,7 +6,8 @@ production, where every function here is a no-op). Comma-separated:
   the checkpoints before S reached the store), the moment a real OOM strikes;
 - `cuda-error`: the train stage raises a CUDA device-side assert (`torch.AcceleratorError`) once
   the base has loaded;
-- `kill-after-checkpoint`: SIGKILL once the first checkpoint of a fresh (not resumed) run is stored;
+- `kill-after-checkpoint`: SIGKILL (the stage's process and, with torchrun, every rank) once the
+  first checkpoint of a fresh (not resumed) run is stored;
 - `kill-in-merge`, `kill-in-evaluate`: SIGKILL once the stage has written part of its output
   (weights, charts) into its staging directory, before the commit. Once per machine: a marker in
   the store's cache directory keeps the re-run from being killed again.
@@ -63,6 +64,32 @@ def in_training_step(model, attempt: int, grad_accum: int, log=print):
 
     # the input embeddings run in every forward pass, however the trainer computes the loss
     return model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+LAUNCHER_ENV = "SLMFORGE_LAUNCHER_PID"  # set by the train stage for its torchrun processes
+
+
+def after_checkpoint(resume_step: int | None, log=print):
+    """`kill-after-checkpoint`: a function that SIGKILLs the whole training (the train stage's process,
+    torchrun and every rank: what a lost machine looks like) once a checkpoint of a fresh (not
+    resumed) run is in the store. None when not injected."""
+    if "kill-after-checkpoint" not in injected() or resume_step is not None:
+        return None
+
+    def kill(step: int) -> None:
+        import psutil
+
+        log(f"{FAULT_ENV}: killing this process after checkpoint {step}")
+        root = psutil.Process(int(os.environ.get(LAUNCHER_ENV) or os.getpid()))
+        for p in [root, *root.children(recursive=True)]:
+            if p.pid != os.getpid():
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def kill_point(name: str, marker_dir: Path, log=print) -> None:

@@ -35,14 +35,16 @@ def materialise_base(model: ModelConfig, store: ArtifactStore, log=print) -> dic
 def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=print) -> dict:
     rt = R.for_config(model)
     settings = {"base": base["key"], "4bit": model.load_in_4bit, "quant_type": model.quant_type,
-                "double_quant": model.double_quant, "compute": rt.compute_dtype, "weights": rt.weights_dtype,
+                "double_quant": model.double_quant, "quant_storage": model.quant_storage,
+                "compute": rt.compute_dtype, "weights": rt.weights_dtype,
                 "device": rt.device, "attn": rt.attn}
     key = f"models/quantized/{content_hash([settings, code_version.fingerprint()])}"
     if not store.exists(key):
         base_dir = store.get_dir(base["key"])
         t0 = time.perf_counter()
         mode = "4bit" if model.load_in_4bit else "weights"
-        m = M.load_model(base_dir, mode, rt, quant_type=model.quant_type, double_quant=model.double_quant)
+        m = M.load_model(base_dir, mode, rt, quant_type=model.quant_type, double_quant=model.double_quant,
+                         quant_storage=model.quant_storage)
         load_s = time.perf_counter() - t0
         footprint = m.get_memory_footprint()
         staging = store.staging_dir(key)

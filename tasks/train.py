@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import runtime as R
 from slmforge import training as T
+from slmforge.checkpoints import checkpoint_prefix, checkpoint_uploader, restore_checkpoint, store_checkpoints  # noqa: F401
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
 from slmforge.records import read_jsonl
 from slmforge.report import loss_chart
@@ -26,12 +28,12 @@ from tasks import faults
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks.retry import crash_on_device_error, gpu_retry, is_out_of_memory, is_transient
-from slmforge.storage import MANIFEST, ArtifactStore, StoreError, content_hash
+from tasks.train_ranks import PROGRESS
+from slmforge.storage import ArtifactStore, StoreError, content_hash
 
 # task-run id -> how many times an attempt ran out of memory (retries run in the same process)
 _OOM_HALVINGS: dict[str, int] = {}
 MIN_MICRO_BATCH = 1
-KEEP_CHECKPOINTS = 2  # complete checkpoints kept in the store per adapter while it trains
 
 
 
@@ -52,7 +54,7 @@ def micro_batch_after_ooms(cfg: TrainConfig, halvings: int) -> tuple[int, int]:
 def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig) -> str:
     """Derived from everything that changes the adapter (the code and libraries too); how often it
     checkpoints does not."""
-    settings = cfg.model_dump(exclude={"save_steps"})
+    settings = cfg.model_dump(exclude={"save_steps", "node_rank", "rdzv_endpoint"})
     if cfg.packing:  # packed rows are data.max_length tokens long, even where no record was cut
         settings["pack_length"] = dataset.get("max_length")
     parts = [dataset["train_fingerprint"], base["quantized"]["key"], lora.model_dump(), settings,
@@ -60,114 +62,65 @@ def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig)
     return f"adapters/{content_hash(parts)}"
 
 
-def checkpoint_prefix(key: str) -> str:
-    return f"checkpoints/{key}"
-
-
-def store_checkpoints(store: ArtifactStore, prefix: str) -> tuple[list[tuple[int, str]], list[str]]:
-    """(complete checkpoints as (step, name), oldest first; names without a manifest)."""
-    complete, partial = [], []
-    for name in store.children(prefix):
-        step = T.checkpoint_step(name)
-        if step is None:
-            continue
-        (complete.append((step, name)) if store.exists(f"{prefix}/{name}") else partial.append(name))
-    return sorted(complete), partial
-
-
-def restore_checkpoint(store: ArtifactStore, prefix: str, work: Path, log=print) -> int | None:
-    """Put the newest complete checkpoint into the work dir, from the store unless the work dir
-    already has one at least as new (a retry on the same machine). Upload leftovers of a crash
-    (no manifest) are removed. Returns the step training will resume from, or None."""
-    complete, partial = store_checkpoints(store, prefix)
-    for name in partial:
-        store.discard_partial(f"{prefix}/{name}")
-    local = T.latest_checkpoint(work)
-    local_step = T.checkpoint_step(local) if local else None
-    if complete and (local_step is None or complete[-1][0] > local_step):
-        step, name = complete[-1]
-        src = store.get_dir(f"{prefix}/{name}", verify="full")
-        tmp = work / f".{name}.restoring"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MANIFEST))
-        shutil.rmtree(work / name, ignore_errors=True)
-        os.replace(tmp, work / name)
-        log(f"resuming from checkpoint {step} in {store.uri(f'{prefix}/{name}')}")
-        return step
-    if local_step is not None:
-        log(f"resuming from checkpoint {local_step} in {local}")
-    return local_step
-
-
-def _checkpoint_uploader(store: ArtifactStore, key: str, work: Path, micro: int, accum: int,
-                         kill_after: bool, log=print):
-    prefix = checkpoint_prefix(key)
-
-    def upload(path: Path, step: int) -> None:
-        ckpt_key = f"{prefix}/{path.name}"
-        done = json.loads((path / T.CHECKPOINT_DONE).read_text())
-        if 0 < done.get("max_steps", 0) <= step:
-            return  # the final state: the adapter itself is committed next; a local copy serves a retry
-        try:
-            store.upload_dir(path, ckpt_key, meta={"step": step, "adapter": key, "micro_batch": micro,
-                                                   "grad_accum": accum})
-            complete, partial = store_checkpoints(store, prefix)
-            for _, name in complete[:-KEEP_CHECKPOINTS]:
-                store.remove(f"{prefix}/{name}")
-            for name in partial:
-                if T.checkpoint_step(name) < step:
-                    store.discard_partial(f"{prefix}/{name}")
-        except StoreError as e:  # a checkpoint that did not reach the store must not stop training
-            log(f"checkpoint {step} not saved to the store (training goes on; a copy is in {work}): {e}")
-            return
-        log(f"checkpoint {step} saved: {store.uri(ckpt_key)}")
-        if kill_after:
-            log(f"{faults.FAULT_ENV}: killing this process after checkpoint {step}")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return upload
-
-
 def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSettings, cfg: TrainConfig,
                  store: ArtifactStore, progress=None, halvings: int = 0, log=print, attempt: int = 1) -> dict:
-    """Train (or resume) the adapter and commit it to the store. Checkpoints go to
+    """Train (or resume) the adapter and commit it to the store: in this process, or with
+    `train.processes`/`nnodes` in several, launched by torchrun (`launch_ranks`). Checkpoints go to
     `checkpoints/<adapter key>/checkpoint-N/` every `cfg.save_steps` steps, and a re-run with the same
     inputs, here or on another machine, resumes from the newest complete one."""
     key = adapter_key(dataset, base, lora, cfg)
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
-    data_dir = store.get_dir(dataset["key"])
-    train_recs = read_jsonl(data_dir / "train.jsonl")
-    val_recs = read_jsonl(data_dir / "validation.jsonl")
-    model_dir = store.get_dir(base["quantized"]["key"])
     micro, accum = micro_batch_after_ooms(cfg, halvings)
+    plan = R.plan_processes(cfg, micro_batch=micro)
+    if plan.distributed:
+        micro, accum = plan.micro_batch, plan.grad_accum
+        log(f"processes: {plan.reason} ({plan.backend})")
     work = store.cache_dir / "checkpoints" / key  # local working copy; the store holds the durable one
     work.mkdir(parents=True, exist_ok=True)
     resume_step = restore_checkpoint(store, checkpoint_prefix(key), work, log)
-    upload = _checkpoint_uploader(store, key, work, micro, accum, log=log,
-                                  kill_after="kill-after-checkpoint" in faults.injected() and resume_step is None)
     rt = R.for_config(model_cfg, cfg)
     log(f"runtime: {rt.describe()}")
-    model = M.load_model(model_dir, "saved", rt)
-    tokenizer = M.load_tokenizer(model_dir)
-    fault_hook = faults.in_training_step(model, attempt, accum, log)
-    try:
-        faults.at_model_loaded(attempt, micro)
-        peft_model, result = T.train(model, tokenizer, train_recs, val_recs or None, lora, cfg, work,
-                                     progress=progress, micro_batch=micro, grad_accum=accum,
-                                     save_steps=cfg.save_steps, on_checkpoint=upload,
-                                     max_length=dataset.get("max_length"), rt=rt)
+    if plan.distributed:
         staging = store.staging_dir(key)
-        T.save_adapter(peft_model, tokenizer, staging, result)
+        job = {"adapter_key": key, "dataset_key": dataset["key"], "quantized_key": base["quantized"]["key"],
+               "model": model_cfg.model_dump(), "lora": lora.model_dump(), "train": cfg.model_dump(),
+               "store": {"url": store.url, "endpoint_url": store.endpoint_url}, "backend": plan.backend,
+               "micro_batch": micro, "grad_accum": accum, "max_length": dataset.get("max_length"),
+               "resume_step": resume_step, "attempt": attempt, "staging": str(staging),
+               "result": str(work / "result.json"), "errors": str(work / "errors")}
+        try:
+            result = T.TrainResult(**launch_ranks(job, plan, cfg, store, work, log, progress))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         loss_chart(result.loss_curve, staging / "loss_curve.png")
-        del peft_model
-    finally:
-        if fault_hook is not None:
-            fault_hook.remove()
-        del model
-        M.free_memory()
+    else:
+        data_dir = store.get_dir(dataset["key"])
+        model_dir = store.get_dir(base["quantized"]["key"])
+        upload = checkpoint_uploader(store, key, work, micro, accum, log=log,
+                                     after_upload=faults.after_checkpoint(resume_step))
+        model = M.load_model(model_dir, "saved", rt)
+        tokenizer = M.load_tokenizer(model_dir)
+        fault_hook = faults.in_training_step(model, attempt, accum, log)
+        try:
+            faults.at_model_loaded(attempt, micro)
+            peft_model, result = T.train(model, tokenizer, read_jsonl(data_dir / "train.jsonl"),
+                                         read_jsonl(data_dir / "validation.jsonl") or None, lora, cfg, work,
+                                         progress=progress, micro_batch=micro, grad_accum=accum,
+                                         save_steps=cfg.save_steps, on_checkpoint=upload,
+                                         max_length=dataset.get("max_length"), rt=rt)
+            staging = store.staging_dir(key)
+            T.save_adapter(peft_model, tokenizer, staging, result)
+            loss_chart(result.loss_curve, staging / "loss_curve.png")
+            del peft_model
+        finally:
+            if fault_hook is not None:
+                fault_hook.remove()
+            del model
+            M.free_memory()
     train = {k: v for k, v in result.to_dict().items() if k != "loss_curve"}
-    train.update(oom_retries=halvings, effective_batch=micro * accum, attempt=attempt)
+    train.update(oom_retries=halvings, effective_batch=micro * accum * result.world_size, attempt=attempt)
     meta = {"train": train, "fingerprint": dataset["fingerprint"]}
     store.commit_dir(staging, key, meta=meta)
     try:  # the adapter is in: its checkpoints are no longer needed
@@ -177,6 +130,79 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     shutil.rmtree(work, ignore_errors=True)
     log(f"adapter: {store.uri(key)}")
     return {"key": key, "uri": store.uri(key), **meta}
+
+
+class RankError(RuntimeError):
+    """A training process failed with an error that has no retry meaning; the message names the rank."""
+
+
+# What a failed rank's error becomes in the stage, so the one retry policy judges it as if it had
+# been raised here (an OOM shrinks the micro-batch, a CUDA error crashes the run, ...).
+_RANK_ERRORS = {"OutOfMemoryError": torch.OutOfMemoryError, "MemoryError": MemoryError,
+                "AcceleratorError": torch.AcceleratorError, "TrainingMemoryError": TrainingMemoryError}
+
+
+def rank_failure(errors: Path, returncode: int, tail: list[str]) -> BaseException:
+    """The error of the first rank that failed (its own file), or torchrun's last lines."""
+    found = sorted((json.loads(p.read_text()) for p in Path(errors).glob("rank-*.error.json")),
+                   key=lambda e: str(e["rank"]))
+    if not found:
+        return RankError(f"torchrun exited {returncode} with no rank error recorded:\n" + "\n".join(tail[-15:]))
+    e = found[0]
+    message = f"rank {e['rank']}: {e['type']}: {e['message']}"
+    if e["type"] == "StoreError":
+        return StoreError(message, transient=bool(e.get("transient")))
+    return _RANK_ERRORS.get(e["type"], RankError)(message)
+
+
+def torchrun_command(plan: R.ProcessPlan, cfg: TrainConfig, job: str, node_rank: int | None = None) -> list[str]:
+    """PyTorch's elastic launcher for this node (or, with `node_rank`, for another node)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.per_node}",
+           f"--nnodes={cfg.nnodes}"]
+    if cfg.nnodes == 1:
+        cmd.append("--standalone")  # a rendezvous on a free local port
+    else:
+        cmd += [f"--node-rank={cfg.node_rank if node_rank is None else node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={Path(job).stem}"]
+    return cmd + ["-m", "tasks.train_ranks", job]
+
+
+def launch_ranks(job: dict, plan: R.ProcessPlan, cfg: TrainConfig, store: ArtifactStore, work: Path, log,
+                 progress) -> dict:
+    """Run the ranks under torchrun and wait: their output goes to `log` line by line (rank 0's
+    progress to `progress`); a failed rank fails the stage with its own error. Returns rank 0's
+    TrainResult as a dict; the adapter is in job["staging"]."""
+    shutil.rmtree(job["errors"], ignore_errors=True)
+    Path(job["result"]).unlink(missing_ok=True)
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps(job))
+    if cfg.nnodes > 1:  # the other nodes read the same job from the store
+        job_key = f"jobs/{job['adapter_key'].split('/')[-1]}.json"
+        store.write_json(job_key, job)
+        for node in range(cfg.nnodes):
+            if node != cfg.node_rank:
+                other = torchrun_command(plan, cfg, store.uri(job_key), node_rank=node)
+                log(f"node {node} of {cfg.nnodes} runs: {' '.join(other[1:])}")
+    env = {**os.environ, faults.LAUNCHER_ENV: str(os.getpid()), "TQDM_DISABLE": "1"}
+    if plan.backend == "gloo":  # share this machine's cores between the ranks
+        env.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // plan.per_node)))
+    cmd = torchrun_command(plan, cfg, str(job_file))
+    log(f"launching {plan.world} training processes: {' '.join(cmd[1:])}")
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if PROGRESS in line:
+                p = json.loads(line.split(PROGRESS, 1)[1])
+                if progress:
+                    progress(p["step"], p["total"], p["logs"])
+                continue
+            tail = (tail + [line])[-40:]
+            if line.strip():
+                log(line)
+    if proc.returncode != 0:
+        raise rank_failure(Path(job["errors"]), proc.returncode, tail)
+    return json.loads(Path(job["result"]).read_text())
 
 
 def memory_advice(cfg: TrainConfig, lora: LoraSettings, base: dict, store: ArtifactStore, max_tokens: int) -> str:

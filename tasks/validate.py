@@ -11,7 +11,7 @@ from prefect import task
 from slmforge import modeling as M
 from slmforge.config import ConfigError, FinetuneConfig
 from slmforge.lora_targets import check_lora_targets, meta_module_names
-from slmforge.runtime import RuntimeSettingError, for_config
+from slmforge.runtime import RuntimeSettingError, for_config, plan_processes
 from slmforge.storage import ArtifactStore
 from tasks.secrets import hub_token
 
@@ -51,8 +51,9 @@ def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
     """Store writable (unless the caller `store_checked` it), model source resolvable (config only),
     max_length within the model's context, LoRA targets present in the model, Hub token present
     when a Hub repo is set. Raises ConfigError / ModelSourceError / StoreError with the field's name."""
-    try:  # a dtype or attention kernel this hardware cannot run
+    try:  # a dtype, attention kernel or process count this hardware (or the batch) cannot run
         for_config(cfg.model, cfg.train)
+        plan_processes(cfg.train)
     except RuntimeSettingError as e:
         raise ConfigError(str(e)) from None
     if not store_checked:

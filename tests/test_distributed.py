@@ -1,0 +1,193 @@
+"""The train stage on several processes: torchrun, DDP over gloo on this CPU, the tiny random Llama.
+And the settings of scaling out (processes, nodes, FSDP-QLoRA), each bad combination refused
+naming its field before anything loads."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import psutil
+import pytest
+
+from slmforge.config import ConfigError, LoraSettings, TrainConfig, load_config
+from slmforge.runtime import Hardware, RuntimeSettingError, plan_processes
+from test_faults import _copy_store, _quiet, _run_training_process, _train_losses, prepared  # noqa: F401
+
+TWO = dict(processes=2, max_steps=4, batch_size=2, save_steps=2, logging_steps=1, learning_rate=1e-3,
+           warmup_steps=1)
+
+
+def _args(prepared, store, train: TrainConfig) -> dict:  # noqa: F811
+    return {"dataset": prepared.dataset, "base": prepared.base, "model": prepared.model.model_dump(),
+            "lora": LoraSettings().model_dump(), "train": train.model_dump(), "store": store.url}
+
+
+def test_two_processes_train_checkpoint_once_and_resume_after_a_kill(prepared, tmp_path):  # noqa: F811
+    """Two ranks under torchrun: killed (the stage's process, torchrun and both ranks) right after
+    checkpoint 2 reached the store; the re-run resumes it with two processes and ends at step 4.
+    Rank 0 alone wrote: one checkpoint upload, one adapter; world_size 2 is in train_metrics.json."""
+    from tasks.train import adapter_key, checkpoint_prefix
+
+    store = _copy_store(prepared, tmp_path / "store")
+    train = TrainConfig(**TWO)
+    key = adapter_key(prepared.dataset, prepared.base, LoraSettings(), train)
+    prefix = checkpoint_prefix(key)
+    args = _args(prepared, store, train)
+
+    killed = _run_training_process(args, tmp_path, "killed", SLMFORGE_INJECT_FAULT="kill-after-checkpoint",
+                                   SLMFORGE_CACHE_DIR=str(tmp_path / "cache"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    out = killed.stdout
+    assert "launching 2 training processes" in out and out.count("checkpoint 2 saved") == 1, out[-3000:]
+    assert not store.exists(key)
+    assert store.children(prefix) == ["checkpoint-2"] and store.exists(f"{prefix}/checkpoint-2")
+    saved = {e["path"] for e in store.manifest(f"{prefix}/checkpoint-2")["files"]}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= saved, saved
+    left = [p for p in psutil.process_iter(["cmdline"]) if "tasks.train_ranks" in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"ranks left running after the kill: {left}"
+
+    rerun = _run_training_process(args, tmp_path, "rerun", SLMFORGE_CACHE_DIR=str(tmp_path / "cache"))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    record = json.loads((tmp_path / "rerun-out.json").read_text())["train"]
+    assert (record["world_size"], record["resumed_from_step"], record["steps"]) == (2, 2, 4)
+    assert (record["micro_batch"], record["grad_accum"], record["effective_batch"]) == (1, 1, 2)
+    metrics = json.loads((store.get_dir(key) / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert [s for s, _ in _train_losses(store, key)] == [1, 2, 3, 4]
+    assert store.children(prefix) == [], "checkpoints are removed once the adapter is in"
+
+
+def test_two_processes_follow_one_process_of_the_same_effective_batch(prepared, tmp_path):  # noqa: F811
+    """Effective batch 4: one process x micro-batch 4, and two x micro-batch 2. The trainer shards
+    each step's batch of the same seeded order over the ranks and averages the loss over all their
+    tokens, so both runs see the same examples from the same start: step 1 agrees to float
+    precision (measured 1e-7 relative), and the later steps drift only as the averaged gradient is
+    summed in another order (measured here: at most 5.8e-4 relative by step 6). The bound for steps
+    2-6, 2e-3, is three times that, for another CPU's rounding; a different data order would
+    differ at step 1 already."""
+    from tasks.train import run_training
+
+    losses = {}
+    for n in (1, 2):
+        store = _copy_store(prepared, tmp_path / f"store-{n}")
+        train = TrainConfig(processes=n, max_steps=6, batch_size=4, logging_steps=1, learning_rate=2e-3,
+                            warmup_steps=1, save_steps=50)
+        rec = run_training(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train, store, log=_quiet)
+        assert rec["train"]["world_size"] == n and rec["train"]["effective_batch"] == 4
+        losses[n] = [x for _, x in _train_losses(store, rec["key"])]
+    assert len(losses[1]) == len(losses[2]) == 6
+    assert losses[2][-1] < losses[2][0], f"the two-process loss falls: {losses[2]}"
+    assert losses[2][0] == pytest.approx(losses[1][0], rel=1e-5), losses
+    assert losses[2] == pytest.approx(losses[1], rel=2e-3), losses
+
+
+def test_a_failed_rank_fails_the_stage_with_its_own_error(prepared, tmp_path, monkeypatch):  # noqa: F811
+    """Out of memory in rank 0 (injected) reaches the stage as torch.OutOfMemoryError naming the rank,
+    so the retry policy halves the micro-batch as in one process."""
+    import torch
+
+    from tasks.train import run_training
+
+    monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom:1")
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    store = _copy_store(prepared, tmp_path / "store")
+    with pytest.raises(torch.OutOfMemoryError, match=r"rank 0: OutOfMemoryError: CUDA out of memory"):
+        run_training(prepared.dataset, prepared.base, prepared.model, LoraSettings(), TrainConfig(**TWO), store,
+                     log=_quiet)
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sets, field", [
+    (["train.processes=0"], "train.processes"),
+    (["train.nnodes=2"], "train.rdzv_endpoint"),
+    (["train.nnodes=2", "train.rdzv_endpoint=node0"], "train.rdzv_endpoint"),
+    (["train.node_rank=1"], "train.node_rank"),
+    (["train.fsdp=true"], "train.fsdp"),
+    (["train.fsdp=true", "train.processes=auto"], "train.fsdp"),  # quant_storage still uint8
+    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "model.compute_dtype=float16"],
+     "model.quant_storage"),
+    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=float32", "model.compute_dtype=float32"],
+     "train.fsdp"),
+    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "model.load_in_4bit=false"],
+     "train.fsdp"),
+    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "train.packing=true"],
+     "train.fsdp"),
+])
+def test_bad_scale_out_settings_are_refused_naming_the_field(sets, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=sets)
+    assert str(err.value).startswith(f"{field}:"), str(err.value)
+
+
+def test_good_scale_out_settings_pass():
+    cfg = load_config(overrides=["train.processes=auto", "train.fsdp=true", "model.quant_storage=bfloat16"])
+    assert cfg.train.fsdp and cfg.model.quant_storage == "bfloat16"
+    cfg = load_config(overrides=["train.processes=8", "train.nnodes=4", "train.node_rank=3",
+                                 "train.rdzv_endpoint=10.0.0.1:29400", "train.batch_size=32"])
+    assert cfg.train.nnodes == 4
+
+
+H200x8 = Hardware(gpus=8, gpu_name="NVIDIA H200", gpu_bf16=True, cpu_threads=32, cpu_cores=32)
+CPU2 = Hardware(cpu_threads=2, cpu_cores=2)
+
+
+@pytest.mark.parametrize("settings, hw, expect", [
+    ({}, CPU2, (1, 1, 4, 1, "gloo")),
+    ({"processes": 2}, CPU2, (2, 2, 2, 1, "gloo")),
+    ({"processes": "auto"}, CPU2, (1, 1, 4, 1, "gloo")),
+    ({"processes": "auto", "batch_size": 16}, H200x8, (8, 8, 2, 1, "nccl")),
+    ({"processes": "auto", "batch_size": 16, "nnodes": 2, "rdzv_endpoint": "h:1"}, H200x8, (8, 16, 1, 1, "nccl")),
+    ({"processes": 2, "batch_size": 8, "grad_accum": 2}, H200x8, (2, 2, 8, 1, "nccl")),
+])
+def test_process_plan_keeps_the_effective_batch(settings, hw, expect):
+    plan = plan_processes(TrainConfig(**settings), hw)
+    assert (plan.per_node, plan.world, plan.micro_batch, plan.grad_accum, plan.backend) == expect
+    cfg = TrainConfig(**settings)
+    assert plan.micro_batch * plan.grad_accum * plan.world == cfg.batch_size * cfg.grad_accum
+
+
+def test_an_out_of_memory_retry_shrinks_each_process_micro_batch():
+    plan = plan_processes(TrainConfig(processes=2, batch_size=8), CPU2, micro_batch=2)
+    assert (plan.micro_batch, plan.grad_accum) == (2, 2)
+
+
+@pytest.mark.parametrize("settings, hw, field", [
+    ({"processes": 4}, Hardware(gpus=2, gpu_bf16=True), "train.processes"),
+    ({"processes": 3}, CPU2, "train.processes"),
+    ({"processes": 2, "batch_size": 3}, CPU2, "train.batch_size"),
+    ({"processes": 2, "fsdp": True}, CPU2, "train.fsdp"),
+])
+def test_process_plans_the_hardware_cannot_run_are_refused(settings, hw, field):
+    with pytest.raises(RuntimeSettingError) as err:
+        plan_processes(TrainConfig(**settings), hw)
+    assert str(err.value).startswith(f"{field}:"), str(err.value)
+
+
+def test_fsdp_settings_reach_the_trainer_and_the_4bit_storage():
+    from slmforge.modeling import bnb_config
+    from slmforge.training import fsdp_arguments
+
+    assert fsdp_arguments(TrainConfig()) == {}
+    args = fsdp_arguments(TrainConfig(processes=2, fsdp=True))
+    assert args["fsdp"] == "full_shard auto_wrap"
+    assert args["fsdp_config"]["cpu_ram_efficient_loading"] and args["fsdp_config"]["state_dict_type"] == \
+        "SHARDED_STATE_DICT"
+    import torch
+
+    assert bnb_config("4bit", quant_storage="bfloat16").bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_other_nodes_get_the_torchrun_command_for_their_rank():
+    from tasks.train import torchrun_command
+
+    cfg = TrainConfig(processes=8, nnodes=2, node_rank=0, rdzv_endpoint="10.0.0.1:29400", batch_size=16)
+    plan = plan_processes(cfg, H200x8)
+    cmd = torchrun_command(plan, cfg, "s3://b/store/jobs/abc.json", node_rank=1)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=8"]
+    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
+            "--rdzv-id=abc"} <= set(cmd)
+    assert cmd[-3:] == ["-m", "tasks.train_ranks", "s3://b/store/jobs/abc.json"]
+    assert "--standalone" in torchrun_command(plan_processes(TrainConfig(processes=2), CPU2), TrainConfig(processes=2),
+                                              "job.json")
