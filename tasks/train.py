@@ -158,7 +158,7 @@ def rank_failure(errors: Path, returncode: int, tail: list[str]) -> BaseExceptio
 def torchrun_command(plan: R.ProcessPlan, cfg: TrainConfig, job: str, node_rank: int | None = None) -> list[str]:
     """PyTorch's elastic launcher for this node (or, with `node_rank`, for another node)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.per_node}",
-           f"--nnodes={cfg.nnodes}"]
+           f"--nnodes={cfg.nnodes}", "--tee=3"]  # each rank's lines prefixed [default<rank>]:
     if cfg.nnodes == 1:
         cmd.append("--standalone")  # a rendezvous on a free local port
     else:
