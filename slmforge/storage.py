@@ -170,6 +170,17 @@ def _sweep_stale(parent: Path, prefix: str) -> None:
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
+def _cached_copy_ok(local: Path, manifest: dict, check_sizes: bool = True) -> bool:
+    """A local copy of this very output (its stamp: the manifest's creation time), complete by size."""
+    stamp = local / MANIFEST
+    try:
+        if json.loads(stamp.read_text())["created"] != manifest["created"]:
+            return False
+    except (OSError, ValueError, KeyError):
+        return False
+    return not check_sizes or _mismatch(local, manifest, full=False) is None
+
+
 def _writer_tag() -> str:
     """This writer's private suffix: the pid (for the crash sweep) and a random part (threads, hosts)."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -423,8 +434,7 @@ class ArtifactStore:
             return local
         local = self.cache_dir / key
         for attempt in (1, 2):
-            stamp = local / MANIFEST
-            if not (stamp.exists() and json.loads(stamp.read_text())["created"] == manifest["created"]):
+            if not _cached_copy_ok(local, manifest, check_sizes=False):
                 self._download(key, manifest, local)
             problem = _mismatch(local, manifest, full=verify == "full") if verify else None
             if not problem:
@@ -447,6 +457,8 @@ class ArtifactStore:
                     f"downloading {self.uri(key)}/{e['path']}",
                 )
             (tmp / MANIFEST).write_text(json.dumps(manifest))  # the stamp: a complete copy
+            if _cached_copy_ok(local, manifest):
+                return  # another process put the same copy in place meanwhile, and may be reading it
             if local.exists():  # an older or damaged copy: moved aside in one step, then deleted
                 aside = local.parent / f"{local.name}.tmp-{_writer_tag()}"
                 try:

@@ -211,3 +211,22 @@ def test_finetune_runs_started_together_share_one_store(prefect_api, open_store,
     assert {e["evaluation"] for e in record["published"].values()} == \
         {where["a"]["report"].split(store.url + "/", 1)[1], where["b"]["report"].split(store.url + "/", 1)[1]}
     assert store.read_json(publish_record.INDEX) == json.loads(json.dumps(record))
+
+
+def test_a_second_download_never_pulls_a_cached_copy_from_under_its_reader(tmp_path):
+    """Two processes on one machine fetch the same output into the shared cache; the one that
+    finishes second keeps the first's copy (which the other may be loading) instead of replacing it.
+    (Seen in the three-run test: a rank loading the base found its files gone.)"""
+    import random
+
+    store = ArtifactStore(f"memory://slmforge-{random.randrange(1 << 30)}", cache_dir=tmp_path / "cache")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(os.urandom(10_000))
+    store.put_dir(src, "models/q")
+    first = store.get_dir("models/q")
+    inode = (first / "model.safetensors").stat().st_ino
+    other = ArtifactStore(store.url, cache_dir=tmp_path / "cache")
+    other._download("models/q", other.manifest("models/q"), first)  # the slower process, finishing now
+    assert (first / "model.safetensors").stat().st_ino == inode, "the copy in use was replaced"
+    assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name], "its own download is removed"
