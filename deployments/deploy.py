@@ -22,12 +22,15 @@ What it creates:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from deployments.pools import IMAGE, POOL_TYPES, base_job_template
 from tasks.gpu import GPU_LIMIT_ENV
+from tasks.secrets import STORE_SECRETS_ENV
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -50,8 +53,11 @@ NOTIFY_BODY = (
 
 
 def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: str | None,
-            credentials_in_secrets: bool) -> dict[str, str]:
-    """The `env` job variable of the work pool: what every flow run on it starts with."""
+            credentials_in_secrets: bool, pool_type: str = "process") -> dict[str, str]:
+    """The `env` job variable of the work pool: what every flow run on it starts with. The store's
+    keys, when kept in Secret blocks: a process worker resolves the block references into the run's
+    environment; a container's job definition (docker, kubernetes) would hold the resolved values,
+    so there it names the blocks and the flow reads them when it starts."""
     env: dict[str, str] = {GPU_LIMIT_ENV: GPU_LIMIT}
     if cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
@@ -59,32 +65,33 @@ def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: 
         env["AWS_ENDPOINT_URL"] = endpoint_url
     if region:
         env["AWS_DEFAULT_REGION"] = region
-    if credentials_in_secrets:
+    if credentials_in_secrets and pool_type != "process":
+        env[STORE_SECRETS_ENV] = f"{SECRET_KEY_ID},{SECRET_KEY}"
+    elif credentials_in_secrets:
         env["AWS_ACCESS_KEY_ID"] = "{{ prefect.blocks.secret.%s }}" % SECRET_KEY_ID
         env["AWS_SECRET_ACCESS_KEY"] = "{{ prefect.blocks.secret.%s }}" % SECRET_KEY
     return env
 
 
-def base_job_template(env: dict[str, str]) -> dict[str, Any]:
-    from prefect.workers.process import ProcessWorker
-
-    template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["env"]["default"] = env
-    return template
-
-
-def ensure_work_pool(client, name: str, env: dict[str, str], limit: int = 1) -> None:
+def ensure_work_pool(client, name: str, env: dict[str, str], limit: int = 1, pool_type: str = "process",
+                     **template_options) -> None:
+    """Create the pool, or update its template and limit. A pool's type cannot change: a pool of
+    another type is refused with what to do."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    template = base_job_template(env)
-    description = "slmforge GPU machines: one flow run at a time per worker (`prefect worker start --pool gpu`)"
+    template = base_job_template(pool_type, env, **template_options)
+    description = (f"slmforge GPU machines ({pool_type}): one flow run at a time per worker "
+                   f"(`prefect worker start --pool {name} --type {pool_type}`)")
     try:
-        client.read_work_pool(name)
+        current = client.read_work_pool(name)
     except ObjectNotFound:
-        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template,
+        client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template,
                                                concurrency_limit=limit, description=description))
         return
+    if current.type != pool_type:
+        raise ValueError(f"--pool-type {pool_type}: work pool {name!r} exists with type {current.type!r}; "
+                         f"delete it (`prefect work-pool delete {name}`) or choose another --pool name")
     client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit,
                                                  description=description))
 
@@ -179,13 +186,15 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
                aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
                webhook_url: str | None = None, gpu_limit: int = 1, source: Path | str = PROJECT_DIR,
                nightly_config: str | Path | None = None, nightly_overrides: list[str] | tuple[str, ...] = (),
-               log=print) -> dict[str, Any]:
+               pool_type: str = "process", pool_options: dict | None = None, log=print) -> dict[str, Any]:
     """Create or update the pool, limits, blocks, deployments and automation. Returns their ids/names.
 
     `nightly_config` (YAML) and `nightly_overrides` (`key=value`) are the finetune settings the
     nightly deployment runs with (its default parameters: what a scheduled run and the UI's Run
     button use), read and validated by the same `load_config` as `slmforge finetune`; the store
     is always `storage_url`.
+    `pool_type`: process, docker or kubernetes (`deployments.pools`); `pool_options`: that template's
+    options (image, gpus, node_selector, tolerations, credentials_secret).
     `endpoint_url`/`region` default to AWS_ENDPOINT_URL/AWS_DEFAULT_REGION of this process.
     Credentials: given keys go into Secret blocks that the pool's env references; without them the
     flow runs use whatever the worker's environment provides (an instance role, AWS_* variables).
@@ -199,10 +208,10 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
         with temporary_settings({PREFECT_API_URL: api_url}):
             return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
                                cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url,
-                               gpu_limit, Path(source), nightly, log)
+                               gpu_limit, Path(source), nightly, pool_type, pool_options or {}, log)
     return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
                        cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url, gpu_limit,
-                       Path(source), nightly, log)
+                       Path(source), nightly, pool_type, pool_options or {}, log)
 
 
 def nightly_settings(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -217,7 +226,8 @@ def nightly_settings(path: str | Path | None, overrides: list[str] | tuple[str, 
 
 
 def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_visible_devices, key_id, key,
-                webhook_url, gpu_limit, source: Path, nightly: dict, log) -> dict[str, Any]:
+                webhook_url, gpu_limit, source: Path, nightly: dict, pool_type: str, pool_options: dict,
+                log) -> dict[str, Any]:
     from prefect import flow as prefect_flow
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
@@ -231,10 +241,10 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
     if with_secrets:
         Secret(value=key_id).save(SECRET_KEY_ID, overwrite=True)
         Secret(value=key).save(SECRET_KEY, overwrite=True)
-    env = job_env(endpoint_url, region, cuda_visible_devices, with_secrets)
+    env = job_env(endpoint_url, region, cuda_visible_devices, with_secrets, pool_type)
     out: dict[str, Any] = {"pool": pool, "env": env, "deployments": {}}
     with get_client(sync_client=True) as client:
-        ensure_work_pool(client, pool, env, limit=1)
+        ensure_work_pool(client, pool, env, limit=1, pool_type=pool_type, **pool_options)
         ensure_global_limit(client, GPU_LIMIT, gpu_limit)
         # The block the flow saves at start; saved here too so it is in the UI before the first run.
         # s3fs needs the endpoint in the block's settings (credentials stay in the environment).
@@ -264,10 +274,27 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
             version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
         out["deployments"]["compare/on-demand"] = str(compare_id)
         log(f"deployment compare/{ON_DEMAND}: on demand, work pool {pool!r}")
+        if pool_type != "process":  # the code is in the image, not at this machine's path
+            for deployment_id in (nightly_id, compare_id):
+                run_from_image(client, deployment_id, pool_options.get("image") or IMAGE)
+            log(f"deployments run in image {pool_options.get('image') or IMAGE!r} from {IMAGE_WORKDIR}")
 
         out["rerun_automation"] = ensure_crash_rerun(client, list(out["deployments"].values()), log=log)
         out["automation"] = ensure_automation(client, nightly_id, webhook_url, log=log)
     return out
+
+
+IMAGE_WORKDIR = "/opt/slmforge"  # the project's place in deployments/Dockerfile
+
+
+def run_from_image(client, deployment_id, image: str) -> None:
+    """A docker or kubernetes pool runs the flow from the image: its pull step changes into the
+    project's directory there (not this machine's checkout), and the image is a job variable."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    client.update_deployment(deployment_id, DeploymentUpdate(
+        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_WORKDIR}}],
+        job_variables={"image": image}))
 
 
 def _version() -> str:
@@ -277,6 +304,17 @@ def _version() -> str:
         return version("slmforge")
     except Exception:  # noqa: BLE001 - not installed: a source checkout
         return "dev"
+
+
+def pool_options(args) -> dict:
+    """The chosen pool type's template options from the command line."""
+    if args.pool_type == "process":
+        return {}
+    options = {"image": args.image}
+    if args.pool_type == "kubernetes":
+        options.update(gpus=args.gpus, node_selector=args.node_selector, tolerations=args.tolerations,
+                       credentials_secret=args.credentials_secret)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
                         "work pool passes to flow runs (default: the worker's own environment provides them)")
     p.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"))
     p.add_argument("--nightly-config", metavar="FILE.yaml", help="finetune settings of the nightly runs (YAML)")
+    p.add_argument("--pool-type", choices=POOL_TYPES, default="process",
+                   help="process (a worker on each GPU machine), docker (a container per run, GPUs through "
+                        "device requests) or kubernetes (a Job per run requesting nvidia.com/gpu)")
+    p.add_argument("--image", default=IMAGE, help="docker/kubernetes: the image flow runs use (deployments/Dockerfile)")
+    p.add_argument("--gpus", type=int, default=1, help="kubernetes: nvidia.com/gpu per flow run")
+    p.add_argument("--node-selector", type=json.loads, default=None, metavar="JSON",
+                   help='kubernetes: e.g. \'{"nvidia.com/gpu.present": "true"}\'')
+    p.add_argument("--tolerations", type=json.loads, default=None, metavar="JSON",
+                   help='kubernetes: e.g. \'[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]\'')
+    p.add_argument("--credentials-secret", default=None,
+                   help="kubernetes: a Secret in the job's namespace with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                        "(and HF_TOKEN), passed as the container's envFrom")
     p.add_argument("--nightly-set", dest="nightly_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="one finetune setting of the nightly runs (repeatable), e.g. train.epochs=3")
     args = p.parse_args(argv)
@@ -302,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
                endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
                aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url,
-               nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides)
+               nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides,
+               pool_type=args.pool_type, pool_options=pool_options(args))
     return 0
 
 

@@ -19,6 +19,7 @@ from slmforge.modeling import on_gpu
 from tasks.compare import (benchmark, compare_key, compare_report, error_row, prepare_eval_set,
                            resolve_model)
 from tasks.gpu import limit_exists
+from tasks.secrets import load_store_credentials
 from slmforge.storage import ArtifactStore
 
 
@@ -34,6 +35,8 @@ def _failure(state) -> str:
 def compare(cfg: CompareConfig = CompareConfig()) -> dict:
     """Compare small LMs in bf16 / 8-bit / 4-bit: quality, memory, speed; report, CSV/JSON, chart."""
     logger = get_run_logger()
+    if load_store_credentials():  # docker/kubernetes pools name the Secret blocks; never the values
+        logger.info("store credentials: read from the work pool's Secret blocks")
     started = time.time()
     load_at_start = load_average()
     ArtifactStore.from_config(cfg.storage).check_writable()

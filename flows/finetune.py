@@ -16,6 +16,7 @@ from tasks.evaluate import evaluate
 from tasks.merge import merge_adapter
 from tasks.model import load_base_model
 from tasks.publish import publish
+from tasks.secrets import load_store_credentials
 from tasks.train import train_qlora
 from tasks.validate import validate_inputs
 
@@ -24,6 +25,8 @@ from tasks.validate import validate_inputs
 def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     """QLoRA-fine-tune a small LM on Q&A data and publish it if it beats the base."""
     logger = get_run_logger()
+    if load_store_credentials():  # docker/kubernetes pools name the Secret blocks; never the values
+        logger.info("store credentials: read from the work pool's Secret blocks")
     validate_inputs(cfg)  # seconds: settings, store, model source, Hub token — before any weights load
     results = result_storage(cfg.storage)
 

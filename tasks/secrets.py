@@ -1,5 +1,6 @@
 """The Hub token: from a Prefect Secret block when one of that name exists, else HF_TOKEN. The
-description names the source, never the value."""
+description names the source, never the value. And the store's keys for runs in containers: read
+from the Secret blocks the pool names, so no job definition ever holds them."""
 
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def hub_token_source(secret_block: str | None) -> tuple[str | None, str]:
 def hub_token(secret_block: str | None) -> str | None:
     """The Hub token: a Prefect Secret block if one of that name exists, else HF_TOKEN. Never logged."""
     return hub_token_source(secret_block)[0]
+
+
+STORE_SECRETS_ENV = "SLMFORGE_STORE_SECRET_BLOCKS"  # "<access key id block>,<secret access key block>"
+
+
+def load_store_credentials() -> bool:
+    """Where the work pool names the Secret blocks (docker and kubernetes pools) and the environment
+    has no keys yet: put the blocks' values into this process's environment for s3fs. Never logged.
+    Returns whether it did."""
+    names = [n.strip() for n in os.environ.get(STORE_SECRETS_ENV, "").split(",") if n.strip()]
+    if len(names) != 2 or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return False
+    key_id, key = (Secret.load(n, _sync=True).get() for n in names)
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = key_id, key
+    return True

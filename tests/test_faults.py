@@ -131,37 +131,6 @@ def test_a_damaged_download_is_fetched_again(tmp_path):
     assert (store.get_dir("s/k", verify="full") / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
 
 
-def test_an_upload_that_keeps_failing_leaves_nothing_visible(tmp_path, monkeypatch):
-    import slmforge.storage as S
-
-    monkeypatch.setattr(S, "STORE_BASE_DELAY", 0.01)
-    store = ArtifactStore(f"memory://slmforge-{random.randrange(1 << 30)}", cache_dir=tmp_path / "cache")
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(3):
-        (src / f"f{i}.bin").write_bytes(os.urandom(100))
-    real = store._put_file
-    calls = {"n": 0}
-
-    def flaky(path, target):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise ConnectionResetError("connection reset by peer")  # once: retried
-        if path.name == "f2.bin" and calls.get("down"):
-            raise ConnectionRefusedError("store down")
-        return real(path, target)
-
-    monkeypatch.setattr(store, "_put_file", flaky)
-    store.put_dir(src, "s/ok")
-    assert store.exists("s/ok") and calls["n"] == 4
-
-    calls["down"] = True
-    with pytest.raises(StoreError, match=r"uploading memory://.*/s/bad/f2.bin: still failing after 5 attempts"):
-        store.put_dir(src, "s/bad")
-    assert not store.exists("s/bad")
-    assert store.fs.find(store.path("s/bad")) == [], "the files already uploaded are removed"
-
-
 # -- resume, not restart --------------------------------------------------------------------------
 RUNNER = """
 import json, sys
@@ -266,21 +235,26 @@ def _task_run_count(state) -> int:
     return asyncio.run(read())
 
 
-def test_out_of_memory_twice_then_success_at_a_quarter_micro_batch(prefect_api, prepared, tmp_path, monkeypatch):
-    """Through the real Prefect task and its retries: OOM on attempts 1 and 2, success on 3 with
-    micro-batch 4 -> 1 and accumulation 1 -> 4 (the effective batch stays 4); the record says so."""
+def _train_task(prepared, store: ArtifactStore, train: TrainConfig):
+    """The real train task with its retries (no waiting between them, no cache); its final state."""
     from prefect.cache_policies import NO_CACHE
 
     from tasks.train import train_qlora
 
+    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
+                                    persist_result=False)
+    return task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train,
+                StorageConfig(url=store.url), return_state=True)
+
+
+def test_out_of_memory_twice_then_success_at_a_quarter_micro_batch(prefect_api, prepared, tmp_path, monkeypatch):
+    """Through the real Prefect task and its retries: OOM on attempts 1 and 2, success on 3 with
+    micro-batch 4 -> 1 and accumulation 1 -> 4 (the effective batch stays 4); the record says so."""
     store = _copy_store(prepared, tmp_path / "store")
     monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom:2")
     monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
     train = TrainConfig(max_steps=2, batch_size=4, grad_accum=1, logging_steps=1, save_steps=50)
-    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
-                                    persist_result=False)
-    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train,
-                 StorageConfig(url=store.url), return_state=True)
+    state = _train_task(prepared, store, train)
     assert state.is_completed(), state
     t = state.result()["train"]
     assert (t["micro_batch"], t["grad_accum"], t["effective_batch"]) == (1, 4, 4)
@@ -291,17 +265,12 @@ def test_out_of_memory_twice_then_success_at_a_quarter_micro_batch(prefect_api, 
 
 def test_out_of_memory_at_micro_batch_one_fails_at_once_saying_what_would_fit(prefect_api, prepared, tmp_path,
                                                                             monkeypatch):
-    from prefect.cache_policies import NO_CACHE
-
-    from tasks.train import TrainingMemoryError, train_qlora
+    from tasks.train import TrainingMemoryError
 
     store = _copy_store(prepared, tmp_path / "store")
     monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom:5")
     monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
-                                    persist_result=False)
-    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(),
-                 TrainConfig(max_steps=2, batch_size=1), StorageConfig(url=store.url), return_state=True)
+    state = _train_task(prepared, store, TrainConfig(max_steps=2, batch_size=1))
     assert state.is_failed()
     with pytest.raises(TrainingMemoryError) as err:
         state.result()
@@ -320,10 +289,8 @@ def test_out_of_memory_inside_a_step_resumes_its_checkpoint_at_half_the_micro_ba
     import gc
     import weakref
 
-    from prefect.cache_policies import NO_CACHE
-
     from tasks import faults
-    from tasks.train import run_training, train_qlora
+    from tasks.train import run_training
 
     store = _copy_store(prepared, tmp_path / "store")
     monkeypatch.setenv("SLMFORGE_INJECT_FAULT", "oom-in-step:3")
@@ -338,10 +305,7 @@ def test_out_of_memory_inside_a_step_resumes_its_checkpoint_at_half_the_micro_ba
 
     monkeypatch.setattr(faults, "in_training_step", remember)
     train = TrainConfig(**{**TRAIN, "batch_size": 2, "grad_accum": 1})
-    task = train_qlora.with_options(retry_delay_seconds=0, retry_jitter_factor=None, cache_policy=NO_CACHE,
-                                    persist_result=False)
-    state = task(prepared.dataset, prepared.base, prepared.model, LoraSettings(), train,
-                 StorageConfig(url=store.url), return_state=True)
+    state = _train_task(prepared, store, train)
     assert state.is_completed(), state
     t = state.result()["train"]
     assert (t["micro_batch"], t["grad_accum"], t["effective_batch"]) == (1, 2, 2)

@@ -242,7 +242,7 @@ def test_pool_env_carries_gpu_and_storage_settings_but_no_key_values():
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"
     assert env["AWS_ACCESS_KEY_ID"].startswith("{{ prefect.blocks.secret.") and env["SLMFORGE_GPU_LIMIT"] == "gpu"
     assert "AWS_ACCESS_KEY_ID" not in job_env(None, None, None, credentials_in_secrets=False)
-    template = base_job_template(env)
+    template = base_job_template("process", env)
     assert template["variables"]["properties"]["env"]["default"] == env
     assert template["job_configuration"]["env"] == "{{ env }}"
 
