@@ -24,7 +24,7 @@ from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
 from tasks import faults
-from tasks.retry import crash_on_device_error, gpu_retry
+from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_transient
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -142,8 +142,17 @@ def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, model: Mode
              storage: StorageConfig, run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    with gpu_slot(), crash_on_device_error():
-        record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
+    failure = None
+    try:
+        with gpu_slot(), crash_on_device_error():
+            record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        failure = fresh_failure(exc)  # raised below, outside this block: the failed attempt's models are freed
+    if failure is not None:
+        M.free_memory()
+        raise failure
     create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics: base, trained (adapter on 4-bit), published (merged)")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
     create_markdown_artifact(key="finetune-report", markdown=(

@@ -66,6 +66,18 @@ def is_transient(exc: BaseException) -> bool:
     return decide(exc)[0]
 
 
+def fresh_failure(exc: BaseException) -> BaseException:
+    """For a stage that will be retried in this same process: an exception of the same kind with the
+    same message but no traceback. The original's traceback holds the failed attempt's model,
+    optimizer and batch (clearing its frames did not release them: measured in the train stage), so
+    the caller raises this one outside its `except` block and the memory is free for the retry."""
+    if is_out_of_memory(exc):
+        return torch.OutOfMemoryError(str(exc))
+    if isinstance(exc, StoreError):
+        return StoreError(str(exc), transient=exc.transient)
+    return exc
+
+
 def must_propagate(exc: BaseException) -> bool:
     """For code that records an error and goes on (compare's rows): what must still leave the stage,
     a fault a retry can fix or a device error the process must not go on after."""

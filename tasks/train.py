@@ -27,7 +27,7 @@ from slmforge.report import loss_chart
 from tasks import faults
 from tasks.caching import STAGE_CACHE
 from tasks.gpu import gpu_slot
-from tasks.retry import crash_on_device_error, gpu_retry, is_out_of_memory, is_transient
+from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_out_of_memory, is_transient
 from tasks.train_ranks import PROGRESS
 from slmforge.storage import ArtifactStore, StoreError, content_hash
 
@@ -264,8 +264,7 @@ def train_qlora(dataset: dict, base: dict, model: ModelConfig, lora: LoraSetting
         # A retry runs in this same process. The exception's traceback holds the failed attempt's
         # model, optimizer and batch (and clearing its frames is not enough: measured, the model
         # stayed alive), so it is not kept: a fresh exception of the same kind carries the message.
-        failure = (torch.OutOfMemoryError(str(exc)) if is_out_of_memory(exc)
-                   else StoreError(str(exc), transient=True))
+        failure = fresh_failure(exc)
     if failure is not None:
         M.free_memory()
         if not is_out_of_memory(failure):

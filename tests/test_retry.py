@@ -142,3 +142,23 @@ def test_compare_keeps_an_error_row_but_lets_device_errors_and_retryable_faults_
     assert not must_propagate(ValueError("this model cannot be quantized"))  # a row with its error
     assert must_propagate(torch.OutOfMemoryError("CUDA out of memory"))
     assert must_propagate(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+
+
+def test_a_retried_failure_is_replaced_by_one_that_holds_nothing_of_the_attempt():
+    from tasks.retry import fresh_failure
+
+    def attempt():
+        model = bytearray(10)  # noqa: F841 - what the traceback would keep alive
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    try:
+        attempt()
+    except torch.OutOfMemoryError as exc:
+        fresh = fresh_failure(exc)
+        assert exc.__traceback__ is not None
+    assert type(fresh) is torch.OutOfMemoryError and str(fresh) == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert fresh.__traceback__ is None and fresh.__context__ is None
+    gone = fresh_failure(StoreError("s3://b/k: still failing", transient=True))
+    assert isinstance(gone, StoreError) and gone.transient
+    other = ValueError("bad")
+    assert fresh_failure(other) is other
