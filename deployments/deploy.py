@@ -349,11 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     key_id = os.environ.get("AWS_ACCESS_KEY_ID") if args.credentials_from_env else None
     key = os.environ.get("AWS_SECRET_ACCESS_KEY") if args.credentials_from_env else None
-    deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
-               endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
-               aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url,
-               nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides,
-               pool_type=args.pool_type, pool_options=pool_options(args))
+    from slmforge.config import ConfigError
+
+    try:  # a wrong setting or a missing worker package: one line naming it
+        deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
+                   endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
+                   aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url,
+                   nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides,
+                   pool_type=args.pool_type, pool_options=pool_options(args))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,14 +25,18 @@ def default_template(pool_type: str) -> dict[str, Any]:
         from prefect.workers.process import ProcessWorker
 
         return ProcessWorker.get_default_base_job_template()
-    if pool_type == "docker":
-        from prefect_docker.worker import DockerWorker
+    try:
+        if pool_type == "docker":
+            from prefect_docker.worker import DockerWorker
 
-        return DockerWorker.get_default_base_job_template()
-    if pool_type == "kubernetes":
-        from prefect_kubernetes.worker import KubernetesWorker
+            return DockerWorker.get_default_base_job_template()
+        if pool_type == "kubernetes":
+            from prefect_kubernetes.worker import KubernetesWorker
 
-        return KubernetesWorker.get_default_base_job_template()
+            return KubernetesWorker.get_default_base_job_template()
+    except ImportError:
+        raise ValueError(f"--pool-type {pool_type}: its worker package is not installed: "
+                         f"pip install 'slmforge[{pool_type}]'") from None
     raise ValueError(f"pool type {pool_type!r}: one of {', '.join(POOL_TYPES)}")
 
 

@@ -433,3 +433,15 @@ def test_down_stops_exactly_what_up_started_and_keeps_the_data(stack):
     assert (stack.state_dir / "prefect" / "prefect.db").is_file()
     assert any((stack.state_dir / "seaweedfs").iterdir())
     assert "nothing was running" in stack.down().stdout  # twice: a no-op
+
+
+def test_nightly_settings_are_validated_and_keep_the_deployments_store():
+    from deployments.deploy import nightly_settings
+    from slmforge.config import ConfigError
+
+    assert nightly_settings(None, ["train.max_steps=3"])["train"]["max_steps"] == 3
+    assert "storage" not in nightly_settings(None, [])
+    with pytest.raises(ConfigError, match=r"^train.epochs:"):
+        nightly_settings(None, ["train.epochs=-1"])
+    with pytest.raises(ConfigError, match=r"--nightly-set storage\.\*"):
+        nightly_settings(None, ["storage.url=s3://elsewhere/x"])
