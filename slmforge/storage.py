@@ -211,7 +211,10 @@ class ArtifactStore:
             self.root = rest
             # One try per call in botocore and s3fs: `with_retries` is the one retry layer (backoff,
             # jitter, a bounded total), so a store that is down fails in seconds, not minutes.
-            kwargs: dict[str, Any] = {"config_kwargs": {
+            # No listings cache: other runs write the same store, and a cached listing taken during
+            # another writer's upload made `exists()` deny its manifest afterwards (seen in CI: a
+            # committed publish entry missing from the record). Every check asks the server.
+            kwargs: dict[str, Any] = {"use_listings_cache": False, "config_kwargs": {
                 "connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 1, "mode": "standard"}}}
             endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
             if endpoint:
