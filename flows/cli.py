@@ -68,8 +68,8 @@ def _add_stack_commands(sub) -> None:
     up = sub.add_parser(
         "up", help="start the local service stack: Prefect server + UI, SeaweedFS S3, work pool, deployments, worker",
         description="Start on 127.0.0.1 a Prefect server (SQLite, UI on --port), SeaweedFS S3 with a bucket, create the "
-                    "`gpu` work pool, the `gpu` concurrency limit, the blocks, the deployments finetune/nightly and "
-                    "compare/on-demand and the failure notification, and start a worker. Running it again starts only "
+                    "`gpu` and `control` work pools, the `gpu` concurrency limit, the blocks, the deployments finetune/nightly, "
+                    "compare/on-demand and compare-model/fan-out and the failure notification, and start the workers. Running it again starts only "
                     "what is not running and re-applies the configuration.")
     up.add_argument("--state-dir", default=None, help=state_help)
     up.add_argument("--port", type=int, default=4200, help="Prefect API and UI port (default 4200)")
@@ -83,6 +83,9 @@ def _add_stack_commands(sub) -> None:
     up.add_argument("--nightly-set", dest="nightly_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="one finetune setting of the nightly runs (repeatable), e.g. --nightly-set train.epochs=3; "
                          "these become the deployment's default parameters (scheduled runs, the UI's Run button)")
+    up.add_argument("--workers", type=int, default=1,
+                    help="workers on the gpu pool, one flow run each at a time (default 1); a comparison runs its "
+                         "models on all of them at once (here they share this machine's CPU or GPU)")
     up.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"),
                     help="post failed or crashed nightly runs here (default SLMFORGE_WEBHOOK_URL; none: no notifications)")
     down = sub.add_parser("down", help="stop exactly what `slmforge up` started; the data is kept",
@@ -99,7 +102,8 @@ def _stack_settings(args):
         return StackSettings(state_dir=state_dir)
     return StackSettings(state_dir=state_dir, port=args.port, s3_port=args.s3_port, bucket=args.bucket,
                          cron=args.cron, timezone=args.timezone, webhook_url=args.webhook_url or None,
-                         nightly_config=args.nightly_config, nightly_overrides=tuple(args.nightly_overrides))
+                         nightly_config=args.nightly_config, nightly_overrides=tuple(args.nightly_overrides),
+                         workers=args.workers)
 
 
 def cmd_up(args) -> int:
@@ -107,6 +111,8 @@ def cmd_up(args) -> int:
 
     from deployments.deploy import nightly_settings
 
+    if getattr(args, "workers", 1) < 1:
+        return _fail(f"--workers {args.workers}: must be 1 or more")
     settings = _stack_settings(args)
     try:  # a bad nightly setting fails before anything starts
         nightly_settings(settings.nightly_config, settings.nightly_overrides)

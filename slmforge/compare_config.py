@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slmforge.config import (ConfigError, DataConfig, StorageConfig, _Section, read_settings,
@@ -104,6 +103,12 @@ class CompareConfig(_Section):
     concurrency_limit: str | None = Field(
         "gpu", description="Prefect global concurrency limit held while a model is measured (one at a time "
                            "across runs); a limit that does not exist is skipped (one log line). Empty = none.")
+    per_model_deployment: str | None = Field(
+        "compare-model/fan-out",
+        description="Deployment that measures one model (all its precisions) per flow run. When the comparison "
+                    "itself runs from a deployment and this one exists on the server, every model is its own flow "
+                    "run on that deployment's pool, so N GPU workers share one comparison; otherwise (a local run, "
+                    "a missing deployment: one log line) every model is measured in this flow run. Empty = never.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("models")
@@ -145,10 +150,17 @@ class CompareConfig(_Section):
             raise ValueError("must be between 1 and 4096, or `auto`")
         return v
 
-    @field_validator("concurrency_limit")
+    @field_validator("concurrency_limit", "per_model_deployment")
     @classmethod
-    def _limit(cls, v: str | None) -> str | None:
-        return v or None
+    def _name_or_none(cls, v: str | None) -> str | None:
+        return (v or "").strip() or None
+
+    @field_validator("per_model_deployment")
+    @classmethod
+    def _deployment(cls, v: str | None) -> str | None:
+        if v and (v.count("/") != 1 or not all(v.split("/"))):
+            raise ValueError(f"{v!r} is not a deployment name: `<flow name>/<deployment name>`, e.g. compare-model/fan-out")
+        return v
 
     def eval_items(self, gpu: bool) -> int:
         return self.eval.items if self.eval.items != "auto" else (64 if gpu else 32)

@@ -1,5 +1,6 @@
 """The compare flow's stages: the evaluation set, each model source made loadable, one measurement
-per model × precision (one at a time, under the `gpu` concurrency limit), and the report.
+per model × precision (one at a time, under the `gpu` concurrency limit), the fan-out of models
+over a pool (`run_deployment`, one flow run per model), and the report.
 
 Measurements are not cached (`NO_CACHE`): a comparison is re-measured each time it runs. What is
 reused is the materialised checkpoint of a GGUF or Hub model (`models/base/<hash>`, the same key the
@@ -33,6 +34,8 @@ from tasks.retry import crash_on_device_error, gpu_retry, must_propagate
 from slmforge.storage import MANIFEST, ArtifactStore, content_hash
 
 STORE_PREFIX = "store:"
+PART_FILE = "part.json"
+POLL_S = 5  # how often a fanned-out comparison asks for its models' runs' states
 
 
 # -- the evaluation set ------------------------------------------------------------------------
@@ -134,6 +137,70 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
 def error_row(entry: dict, mode: str, error: str, status: str = "error") -> dict:
     return {"model": entry.get("name") or display_name(entry["spec"]), "spec": entry["spec"], "mode": mode,
             "source_label": entry.get("source_label"), "status": status, "errors": [error]}
+
+
+# -- one model's result (a "part"), here or on another worker ------------------------------------
+
+def part(entry: dict, rows: list[dict], examples: list[dict]) -> dict:
+    """One model's contribution to a comparison: where it came from, its rows, and what it ran on."""
+    return {"entry": entry, "rows": rows, "gpu": M.on_gpu(), "eval_items": len(examples)}
+
+
+def write_part(measured: dict, key: str, cfg: CompareConfig) -> None:
+    """A fanned-out model's part, committed to the store under the key its comparison chose."""
+    store = ArtifactStore.from_config(cfg.storage)
+    staging = store.staging_dir(key)
+    (staging / PART_FILE).write_text(json.dumps(measured, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    store.commit_dir(staging, key, meta={"spec": measured["entry"]["spec"], "rows": len(measured["rows"])})
+
+
+def read_part(key: str, store: ArtifactStore) -> dict | None:
+    if not store.exists(key):
+        return None
+    return json.loads((store.get_dir(key) / PART_FILE).read_text(encoding="utf-8"))
+
+
+def part_key(parent_run_id: str, spec: str) -> str:
+    return f"compare/parts/{parent_run_id}/{content_hash(spec, 16)}"
+
+
+def fan_out_deployment(cfg: CompareConfig, log=print) -> str | None:
+    """The deployment to run each model on, or None to measure them in this flow run.
+
+    Fans out only when this comparison was itself started from a deployment (a server and workers
+    exist) and `cfg.per_model_deployment` is on that server; a local `slmforge compare` measures in
+    its own process. A missing deployment is one log line, not an error.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    name = cfg.per_model_deployment
+    if not name or ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            d = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        log(f"no deployment {name!r} on this server (`slmforge up` / `python -m deployments.deploy` create it): "
+            "every model is measured in this flow run")
+        return None
+    log(f"fanning out: one flow run of {name} per model on work pool {d.work_pool_name!r}")
+    return name
+
+
+def collect_part(spec: str, flow_run, store: ArtifactStore, key: str) -> dict:
+    """A finished model run's part; a run that failed, crashed or wrote nothing keeps its row with why."""
+    state = flow_run.state
+    found = read_part(key, store) if state is not None and state.is_completed() else None
+    if found is not None:
+        return found
+    why = f"{state.name}: {state.message}" if state is not None else "no state"
+    error = f"flow run {flow_run.name} ({flow_run.id}) ended {why}"
+    entry = {"name": display_name(spec), "spec": spec, "kind": "error", "error": error}
+    return {"entry": entry, "rows": [error_row(entry, "all", error)], "gpu": None, "eval_items": None}
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -241,6 +308,25 @@ def benchmark(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, 
     logger = get_run_logger()
     return measure(entry, mode, examples, cfg, ArtifactStore.from_config(cfg.storage),
                    lambda m: logger.info("%s %s", entry["name"], m), limit)
+
+
+@task(name="measure_on_pool", cache_policy=NO_CACHE, retries=0)
+def measure_on_pool(spec: str, cfg: CompareConfig, deployment: str) -> dict:
+    """One model as its own flow run of `deployment` (a subflow of this comparison in the UI),
+    waited for and collected. The idempotency key ties it to this comparison's flow run, so a
+    re-run of the comparison after a crash waits for the same model runs instead of starting
+    new ones."""
+    from prefect.context import FlowRunContext
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    parent = str(FlowRunContext.get().flow_run.id)
+    key = part_key(parent, spec)
+    run = run_deployment(deployment, parameters={"cfg": cfg.model_dump(mode="json"), "spec": spec, "part_key": key},
+                         flow_run_name=f"compare-{display_name(spec)}"[:100], idempotency_key=f"{parent}:{spec}",
+                         poll_interval=POLL_S, timeout=None, tags=["compare"])
+    logger.info("%s: flow run %s ended %s", spec, run.name, run.state.name if run.state else "?")
+    return collect_part(spec, run, ArtifactStore.from_config(cfg.storage), key)
 
 
 @task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

@@ -236,3 +236,51 @@ def test_flow_two_models_two_modes_and_a_failing_source(prefect_api, tiny_model_
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compare-table", "compare-report"])))
 
     assert {a.key for a in asyncio.run(artifacts())} == {"compare-table", "compare-report"}
+
+
+# -- fanned out over a pool (the two-worker run itself: tests/test_stack.py) ----------------------
+
+def test_the_per_model_deployment_setting_is_a_deployment_name_or_off():
+    assert CompareConfig().per_model_deployment == "compare-model/fan-out"
+    assert load_compare_config(overrides=["per_model_deployment="]).per_model_deployment is None
+    for bad in ("fan-out", "a/b/c", "/fan-out"):
+        with pytest.raises(ConfigError, match="per_model_deployment"):
+            load_compare_config(overrides=[f"per_model_deployment={bad}"])
+
+
+def test_a_comparison_not_started_from_a_deployment_measures_in_its_own_run(prefect_api):
+    from prefect import flow
+
+    from tasks.compare import fan_out_deployment
+
+    @flow
+    def local():
+        return fan_out_deployment(CompareConfig())
+
+    assert local() is None  # no deployment, no workers to fan out to: one process, as before
+
+
+def test_a_model_run_that_crashed_or_wrote_nothing_keeps_its_row_with_why(tmp_path):
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Completed, Crashed
+
+    from tasks.compare import collect_part, part, part_key, write_part
+
+    cfg = CompareConfig(storage={"url": f"file://{tmp_path}/store"})
+    store = ArtifactStore.from_config(cfg.storage)
+    parent = str(uuid.uuid4())
+    crashed = FlowRun(flow_id=uuid.uuid4(), name="brave-otter", state=Crashed(message="process exited -9"))
+    got = collect_part("/models/a", crashed, store, part_key(parent, "/models/a"))
+    assert got["entry"]["kind"] == "error" and got["rows"][0]["status"] == "error"
+    assert "brave-otter" in got["rows"][0]["errors"][0] and "Crashed: process exited -9" in got["rows"][0]["errors"][0]
+    assert got["rows"][0]["model"] == "a"
+
+    done = FlowRun(flow_id=uuid.uuid4(), name="calm-heron", state=Completed())
+    key = part_key(parent, "/models/b")
+    assert "ended Completed" in collect_part("/models/b", done, store, key)["rows"][0]["errors"][0]  # no part written
+    written = part({"name": "b", "spec": "/models/b", "kind": "path"}, [{"model": "b", "mode": "bf16", "status": "ok"}],
+                   [{}, {}])
+    write_part(written, key, cfg)
+    assert collect_part("/models/b", done, store, key) == {**written, "gpu": False}

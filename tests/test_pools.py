@@ -97,7 +97,8 @@ def test_the_process_pool_keeps_resolving_block_references_in_the_worker():
 
 def test_a_docker_pool_deployment_runs_the_flow_from_the_image(prefect_api, tmp_path):
     """`python -m deployments.deploy --pool-type docker`: the pool is a docker pool with the GPU
-    request, and both deployments change into the image's project directory, not this checkout."""
+    request, and the GPU deployments change into the image's project directory, not this checkout;
+    the comparison that only waits for them runs on the process pool `control`."""
     from prefect.client.orchestration import get_client
 
     from deployments.deploy import IMAGE_WORKDIR, main
@@ -109,8 +110,11 @@ def test_a_docker_pool_deployment_runs_the_flow_from_the_image(prefect_api, tmp_
         assert pool.type == "docker"
         props = pool.base_job_template["variables"]["properties"]
         assert props["container_create_kwargs"]["default"] == {"device_requests": [GPU_REQUEST]}
-        for name in ("finetune/nightly", "compare/on-demand"):
+        for name in ("finetune/nightly", "compare-model/fan-out"):
             d = client.read_deployment_by_name(name)
             assert d.work_pool_name == "gpu-docker" and d.job_variables["image"] == IMAGE
             assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_WORKDIR}}]
-            assert d.entrypoint in ("flows/finetune.py:finetune", "flows/compare.py:compare")
+            assert d.entrypoint in ("flows/finetune.py:finetune", "flows/compare.py:compare_model")
+        parent = client.read_deployment_by_name("compare/on-demand")
+        assert parent.work_pool_name == "control" and client.read_work_pool("control").type == "process"
+        assert "image" not in (parent.job_variables or {})

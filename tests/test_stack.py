@@ -1,8 +1,8 @@
 """The local service stack end to end: `slmforge up` from nothing → the worker runs finetune/nightly
 (triggered through the API, as the UI's Run button does) → artifacts and task results in the
 SeaweedFS bucket → the second run is served from the cache → a killed run is re-run once and
-resumes from its checkpoint → a failed run reaches the webhook →
-`slmforge down` leaves no process behind and keeps the data.
+resumes from its checkpoint → a failed run reaches the webhook → a comparison of two models runs
+one model on each of the two gpu workers → `slmforge down` leaves no process behind and keeps the data.
 
 Real processes on 127.0.0.1 with ports of their own, a state dir under the test's tmp dir and a
 tiny random Llama. The stack is shared with tests/test_ui.py through the `stack` fixture below
@@ -25,12 +25,13 @@ from pathlib import Path
 import pytest
 
 from ports import free_block  # tests/ports.py
-from deployments.stack import SERVICES, StackSettings, alive, port_open, process_tree, running_processes
+from deployments.stack import StackSettings, alive, port_open, process_tree, running_processes
 
 e2e = pytest.mark.e2e
 
 STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
 RUN_TIMEOUT = 420
+WORKERS = 2  # gpu workers of the shared stack: the fan-out test needs two
 
 
 class Webhook:
@@ -115,6 +116,7 @@ class Stack:
     def up(self, cron: str = "0 2 * * *") -> subprocess.CompletedProcess:
         return self.run(["slmforge", "up", "--state-dir", str(self.state_dir), "--port", str(self.port),
                          "--s3-port", str(self.s3_port), "--webhook-url", self.webhook.url, "--cron", cron,
+                         "--workers", str(WORKERS),
                          *(a for x in self.nightly_settings() for a in ("--nightly-set", x))])
 
     def down(self) -> subprocess.CompletedProcess:
@@ -123,13 +125,13 @@ class Stack:
     # -- looking inside -------------------------------------------------------------------------
     @property
     def settings(self) -> StackSettings:
-        return StackSettings(state_dir=self.state_dir, port=self.port, s3_port=self.s3_port)
+        return StackSettings(state_dir=self.state_dir, port=self.port, s3_port=self.s3_port, workers=WORKERS)
 
     def processes(self):
         return running_processes(self.settings)
 
     def is_up(self) -> bool:
-        return set(self.processes()) == set(SERVICES)
+        return set(self.processes()) == set(self.settings.services())
 
     def ensure_up(self) -> None:
         if not self.is_up():
@@ -137,7 +139,7 @@ class Stack:
 
     def logs(self, n: int = 40) -> str:
         out = []
-        for name in ("worker", "prefect-server", "seaweedfs"):
+        for name in (*self.settings.services()[2:], "prefect-server", "seaweedfs"):
             p = self.state_dir / "logs" / f"{name}.log"
             if p.exists():
                 out.append(f"--- {p} (last {n} lines)\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
@@ -260,21 +262,26 @@ def test_up_creates_everything_once_and_is_idempotent(stack):
     from prefect.exceptions import ObjectNotFound
 
     before = {name: p.pid for name, p in stack.processes().items()}
-    assert set(before) == set(SERVICES)
+    assert set(before) == {"seaweedfs", "prefect-server", "worker-control", "worker", "worker-2"}
     out = stack.up().stdout  # again: nothing new starts, the configuration is re-applied
     assert "already running" in out and stack.ui_url in out and "prefect deployment run finetune/nightly" in out
     assert {name: p.pid for name, p in stack.processes().items()} == before
 
     with stack.api() as client:
         pool = client.read_work_pool("gpu")
-        assert pool.type == "process" and pool.concurrency_limit == 1
+        assert pool.type == "process" and pool.concurrency_limit == WORKERS
         env = pool.base_job_template["variables"]["properties"]["env"]["default"]
         assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AWS_ENDPOINT_URL"] == stack.s3_endpoint
         assert env["AWS_SECRET_ACCESS_KEY"] == "{{ prefect.blocks.secret.slmforge-aws-secret-access-key }}"
         assert [p.name for p in client.read_work_pools()].count("gpu") == 1
-        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == WORKERS
+        control = client.read_work_pool("control")
+        assert control.type == "process" and control.concurrency_limit is None
+        assert "CUDA_VISIBLE_DEVICES" not in control.base_job_template["variables"]["properties"]["env"]["default"]
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-        assert set(deployments) == {"finetune/nightly", "compare/on-demand"}, deployments.keys()
+        assert set(deployments) == {"finetune/nightly", "compare/on-demand", "compare-model/fan-out"}, deployments.keys()
+        assert deployments["compare/on-demand"].work_pool_name == "control"
+        assert deployments["compare-model/fan-out"].work_pool_name == "gpu"
         nightly = deployments["finetune/nightly"]
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         assert nightly.schedules[0].schedule.timezone == "UTC"
@@ -287,7 +294,8 @@ def test_up_creates_everything_once_and_is_idempotent(stack):
         assert "cfg" in nightly.parameter_openapi_schema["properties"]  # the form the UI draws
         assert len(client.read_automations_by_name("slmforge: nightly finetune failed or crashed")) == 1
         workers = client.read_workers_for_work_pool("gpu")
-        assert [w.status.value for w in workers] == ["ONLINE"]
+        assert [w.status.value for w in workers] == ["ONLINE"] * WORKERS
+        assert [w.status.value for w in client.read_workers_for_work_pool("control")] == ["ONLINE"]
         try:
             client.read_block_document_by_name("slmforge-aws-access-key-id", "secret")
         except ObjectNotFound:
@@ -357,7 +365,7 @@ def test_crashed_run_is_rerun_once_and_resumes_from_its_checkpoint(stack, tiny_m
         history = [s.name for s in client.read_flow_run_states(run.id)]
     assert run.state.is_completed(), f"{run.state} {history}\n{stack.logs()}"
     assert "Crashed" in history and "Resuming" in history, history
-    assert run.run_count == 2, run.run_count
+    assert run.run_count == 2, (run.run_count, " > ".join(history))
     fs = stack.s3()
     metrics = [f for f in fs.find(f"{stack.bucket}/e2e-crash/adapters") if f.endswith("train_metrics.json")]
     assert metrics, "no adapter in the bucket"
@@ -418,10 +426,80 @@ def test_the_schedule_fires_and_the_worker_runs_the_deployments_own_parameters(s
     assert all(states[s] in ("Completed", "Cached") for s in STAGES), states
 
 
+def worker_of_each_run(stack, since: str, run_ids: list[str], timeout: float = 30) -> dict[str, str]:
+    """Which worker submitted each flow run, from the workers' own `prefect.worker.submitted-flow-run`
+    events (a flow run records no worker; the event names both)."""
+    import urllib.request
+
+    body = json.dumps({"filter": {"event": {"name": ["prefect.worker.submitted-flow-run"]},
+                                  "occurred": {"since": since}}, "limit": 50}).encode()
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # events are written a moment after they are emitted
+        req = urllib.request.Request(f"{stack.api_url}/events/filter", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            events = json.loads(r.read())["events"]
+        for e in events:
+            for rel in e.get("related", []):
+                run = rel["prefect.resource.id"].removeprefix("prefect.flow-run.")
+                if rel.get("prefect.resource.role") == "flow-run" and run in run_ids:
+                    found[run] = e["resource"]["prefect.resource.name"]
+        if len(found) == len(run_ids):
+            break
+        time.sleep(1)
+    return found
+
+
+@e2e
+def test_compare_runs_one_model_on_each_worker_and_writes_one_report(stack, tiny_model_dir, tmp_path):
+    """compare/on-demand (on the control pool) starts one compare-model/fan-out run per model on the
+    gpu pool; with two gpu workers each measures one model at the same time, and the comparison
+    collects both rows into one report in the bucket."""
+    import shutil
+    from datetime import datetime, timezone
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    second = tmp_path / "tiny-llama-copy"
+    shutil.copytree(tiny_model_dir, second)
+    cfg = {"models": [str(tiny_model_dir), str(second)], "modes": ["bf16"], "threads": 1,
+           "prompts": ["What is 2+2?"], "answer_max_new_tokens": 4,
+           "eval": {"items": 2, "max_new_tokens": 4, "batch_size": 2},
+           "speed": {"batch_sizes": [1], "new_tokens": 2, "runs": 1, "warmup": 0},
+           "storage": {"url": f"s3://{stack.bucket}/fan-out", "endpoint_url": stack.s3_endpoint}}
+    since = datetime.now(timezone.utc).isoformat()
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        parent = run_deployment("compare/on-demand", parameters={"cfg": cfg}, timeout=RUN_TIMEOUT, poll_interval=2)
+    assert parent.state.is_completed(), (parent.state, stack.logs())
+
+    with stack.api() as client:
+        per_model = client.read_deployment_by_name("compare-model/fan-out")
+        children = [r for r in client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[per_model.id])),
+            flow_run_filter=FlowRunFilter()) if r.parameters.get("part_key", "").startswith(f"compare/parts/{parent.id}/")]
+        states = {r.parameters["spec"]: r.state.name for r in children}
+    assert states == {str(tiny_model_dir): "Completed", str(second): "Completed"}, states
+    workers = worker_of_each_run(stack, since, [str(r.id) for r in children])
+    assert len(workers) == 2 and len(set(workers.values())) == 2, f"both models on one worker: {workers}"
+    assert set(workers.values()) <= {f"slmforge-127.0.0.1-{stack.port}", f"slmforge-127.0.0.1-{stack.port}-2"}
+    # the comparison started both model runs before either ended: it waits for them together
+    assert max(r.created for r in children) < min(r.end_time for r in children), [(r.created, r.end_time) for r in children]
+
+    fs = stack.s3()  # the comparison's own result is not persisted: its report in the bucket is
+    reports = [f for f in fs.find(f"{stack.bucket}/fan-out/compare") if f.endswith("/results.json")]
+    assert len(reports) == 1, reports
+    rows = json.loads(fs.cat(reports[0]))["rows"]
+    assert sorted((r["model"], r["mode"], r["status"]) for r in rows) == sorted(
+        [(tiny_model_dir.name, "bf16", "ok"), (second.name, "bf16", "ok")]), rows
+
+
 @e2e
 def test_down_stops_exactly_what_up_started_and_keeps_the_data(stack):
     procs = stack.processes()
-    assert set(procs) == set(SERVICES)
+    assert set(procs) == set(stack.settings.services())
     pids = {pid for p in procs.values() for pid in process_tree(p.pid)}
     ports = [stack.port] + list(stack.settings.weed_ports().values())
     out = stack.down().stdout
