@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from prefect.tasks import exponential_backoff
 
-from slmforge.storage import StoreError
+from slmforge.store_calls import StoreError
 
 
 class DeviceUnusable(BaseException):

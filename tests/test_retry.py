@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-import slmforge.storage as S
-from slmforge.storage import StoreError, with_retries
+import slmforge.store_calls as S
+from slmforge.store_calls import StoreError, with_retries
 
 pytestmark = pytest.mark.faults
 
