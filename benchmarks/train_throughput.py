@@ -693,6 +693,10 @@ def print_table(report: dict) -> None:
           f"{mach.get('gpu_name') or mach.get('cpu', 'CPU')}; micro-batch {s['micro_batch']} x accumulation "
           f"{s['grad_accum']}, max_length {s['max_length']}; {s['warmup_steps']} warm-up + {s['measured_steps']} "
           f"measured steps x {report['rounds_done']} round(s)")
+    feats = mach.get("cpu_features") or {}
+    if feats and not mach.get("gpu_name"):
+        print(f"CPU {feats.get('cpu_model')}: " + ", ".join(f"{k} {'yes' if v else 'no'}"
+                                                          for k, v in feats.items() if k != "cpu_model"))
     head = f"{'variant':<30} {'tokens/s':>10} {'min–max':>19} {'IQR':>19} {'peak mem GiB':>13} {'load s':>7} " \
            f"{'MFU':>7} {'runs':>5}"
     print(head)
@@ -730,8 +734,11 @@ def print_table(report: dict) -> None:
 
 
 def machine_summary(results: dict) -> dict:
+    from slmforge.runtime import cpu_features
+
     info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_features": cpu_features()}
     for runs in results.values():
         for r in runs:
             if r.get("machine"):

@@ -275,41 +275,36 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         # s3fs needs the endpoint in the block's settings (credentials stay in the environment).
         out["result_storage"] = result_storage(storage).basepath
 
-        cfg = FinetuneConfig.model_validate({**nightly, "storage": storage.model_dump()})
-        finetune = prefect_flow.from_source(source=str(source), entrypoint="flows/finetune.py:finetune")
-        nightly_id = finetune.deploy(
-            name=NIGHTLY, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone)],
-            parameters={"cfg": cfg.model_dump(mode="json")}, tags=TAGS + ["nightly"],
-            description=f"Nightly QLoRA fine-tune ({cron}, {timezone}): prepare → 4-bit base → train → merge → "
-                        "evaluate → publish if it beats the base. Unchanged stages are cache hits. Edit `cfg` "
-                        "to change the model, data or store for one run.",
-            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
-        out["deployments"]["finetune/nightly"] = str(nightly_id)
-        log(f"deployment finetune/{NIGHTLY}: cron {cron!r} ({timezone}) on work pool {pool!r}")
+        def deploy(entrypoint: str, name: str, work_pool: str, cfg, tags: list[str], description: str, **kw):
+            """One deployment of a flow in this checkout (`source`); its parameter is the typed config."""
+            deployment_id = prefect_flow.from_source(source=str(source), entrypoint=entrypoint).deploy(
+                name=name, work_pool_name=work_pool, parameters={"cfg": cfg.model_dump(mode="json")},
+                tags=TAGS + tags, description=description, version=_version(), build=False, push=False,
+                print_next_steps=False, ignore_warnings=True, **kw)
+            out["deployments"][f"{entrypoint.rsplit(':', 1)[1].replace('_', '-')}/{name}"] = str(deployment_id)
+            return deployment_id
 
         from slmforge.compare_config import CompareConfig
 
-        compare = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare")
-        compare_id = compare.deploy(
-            name=ON_DEMAND, work_pool_name=CONTROL_POOL,
-            parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")}, tags=TAGS + ["compare"],
+        nightly_id = deploy(
+            "flows/finetune.py:finetune", NIGHTLY, pool, FinetuneConfig.model_validate({**nightly, "storage": storage}),
+            ["nightly"], schedules=[Cron(cron, timezone=timezone)],
+            description=f"Nightly QLoRA fine-tune ({cron}, {timezone}): prepare → 4-bit base → train → merge → "
+                        "evaluate → publish if it beats the base. Unchanged stages are cache hits. Edit `cfg` "
+                        "to change the model, data or store for one run.")
+        log(f"deployment finetune/{NIGHTLY}: cron {cron!r} ({timezone}) on work pool {pool!r}")
+        compare_id = deploy(
+            "flows/compare.py:compare", ON_DEMAND, CONTROL_POOL, CompareConfig(storage=storage), ["compare"],
             description="Compare small LMs in bf16 / 8-bit / 4-bit on quality, memory and speed; "
                         "report, CSV/JSON and chart in the store. Each model runs as its own compare-model/"
                         f"{FAN_OUT} flow run on the {pool!r} pool (all at once when it has several workers); "
                         "this run waits on the control pool. Run it from the UI or "
-                        "`prefect deployment run compare/on-demand`.",
-            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
-        out["deployments"]["compare/on-demand"] = str(compare_id)
+                        "`prefect deployment run compare/on-demand`.")
         log(f"deployment compare/{ON_DEMAND}: on demand, work pool {CONTROL_POOL!r} (it fans out over {pool!r})")
-
-        per_model = prefect_flow.from_source(source=str(source), entrypoint="flows/compare.py:compare_model")
-        per_model_id = per_model.deploy(
-            name=FAN_OUT, work_pool_name=pool,
-            parameters={"cfg": CompareConfig(storage=storage).model_dump(mode="json")}, tags=TAGS + ["compare"],
+        per_model_id = deploy(
+            "flows/compare.py:compare_model", FAN_OUT, pool, CompareConfig(storage=storage), ["compare"],
             description="One model of a comparison, every precision, on one GPU worker; started by compare/"
-                        f"{ON_DEMAND} for each of its models, not by hand.",
-            version=_version(), build=False, push=False, print_next_steps=False, ignore_warnings=True)
-        out["deployments"][f"compare-model/{FAN_OUT}"] = str(per_model_id)
+                        f"{ON_DEMAND} for each of its models, not by hand.")
         log(f"deployment compare-model/{FAN_OUT}: one model per flow run, work pool {pool!r} ({gpu_slots} at once)")
         if pool_type != "process":  # the code is in the image, not at this machine's path
             for deployment_id in (nightly_id, per_model_id):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -33,15 +33,39 @@ class Hardware:
     flash_attn: bool = False  # the flash_attn package is importable
     cpu_threads: int = 1
     cpu_cores: int = 1  # logical CPUs of the machine (torch may use fewer threads)
+    gpu_free_gb: float | None = None  # free memory of this process's GPU when probed (None: unknown)
+    liger: bool = False  # the liger_kernel package is importable (fused linear cross-entropy, kernels)
 
     @classmethod
-    def probe(cls) -> "Hardware":
+    def probe(cls, local_rank: int = 0) -> "Hardware":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        free = torch.cuda.mem_get_info(local_rank)[0] / 1e9 if gpus else None
         return cls(gpus=gpus,
                    gpu_name=torch.cuda.get_device_name(0) if gpus else None,
                    gpu_bf16=bool(gpus) and torch.cuda.is_bf16_supported(),
                    flash_attn=importlib.util.find_spec("flash_attn") is not None,
-                   cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1)
+                   cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1,
+                   gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name and the instruction-set flags that decide its speed here (bf16 in
+    hardware or emulated, bitsandbytes' AVX-512 paths), from /proc/cpuinfo; empty off Linux.
+    Benchmarks record it so a reader knows which kind of CPU a figure came from."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+        except OSError:
+            return {}
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), **{f: f in flags for f in CPU_FLAGS}}
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,7 @@ class Runtime:
     gradient_checkpointing: bool
     optim: str
     reasons: dict = field(default_factory=dict)
+    liger: bool = False  # Liger's fused linear cross-entropy and kernels in training (trl's use_liger_kernel)
 
     @property
     def on_gpu(self) -> bool:
@@ -79,14 +104,15 @@ class Runtime:
     def describe(self) -> str:
         return (f"{self.device} (device_map {self.device_map}), 4-bit compute {self.compute_dtype}, weights "
                 f"{self.weights_dtype}, mixed precision {self.mixed_precision}, attention {self.attn}, gradient "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optim}")
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optim}, "
+                f"Liger {'on' if self.liger else 'off'}")
 
 
 def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointing: bool | str = "auto",
            hw: Hardware | None = None, local_rank: int = 0) -> Runtime:
     """Settings (`model.compute_dtype`, `model.attn_implementation`, `train.gradient_checkpointing`)
     + hardware -> Runtime. A combination the hardware cannot run is refused here, before any load."""
-    hw = hw or Hardware.probe()
+    hw = hw or Hardware.probe(local_rank)
     reasons: dict[str, str] = {}
     if hw.gpus:
         device, device_map = "cuda", {"": local_rank}
@@ -132,14 +158,81 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
         reasons["attn"] = f"{attn}: set by model.attn_implementation"
     if gradient_checkpointing == "auto":
         checkpointing = bool(hw.gpus)
-        reasons["gradient_checkpointing"] = ("on: GPU memory is the limit (recompute activations)" if checkpointing
+        reasons["gradient_checkpointing"] = ("on unless the memory plan finds it fits without (plan_memory)"
+                                             if checkpointing
                                              else "off: memory is not the limit on CPU, and recomputing costs time")
     else:
         checkpointing = bool(gradient_checkpointing)
         reasons["gradient_checkpointing"] = "set by train.gradient_checkpointing"
+    liger = bool(hw.gpus) and hw.liger
+    reasons["liger"] = ("on: liger_kernel installed (fused linear cross-entropy: no full logits)" if liger
+                        else "off: " + ("needs a GPU (Triton kernels)" if not hw.gpus else "liger_kernel not installed"))
     return Runtime(device=device, device_map=device_map, compute_dtype=compute, weights_dtype=weights,
                    mixed_precision=mixed, attn=attn, gradient_checkpointing=checkpointing, optim=optim,
-                   reasons=reasons)
+                   reasons=reasons, liger=liger)
+
+
+GPU_MEMORY_SHARE = 0.85  # of the free GPU memory a training plan may fill (CUDA context, allocator slack)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The micro-batch and checkpointing a GPU training process runs with: the same effective
+    batch, split as the free memory allows (`slmforge.memory`'s estimate)."""
+
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    estimate_gb: float | None
+    budget_gb: float | None
+    reason: str
+
+
+def plan_memory(shape, hw: Hardware, *, micro_batch: int, grad_accum: int, cap: int, seq_len: int, lora_r: int,
+                checkpointing: bool | str = "auto", liger: bool = False) -> MemoryPlan:
+    """On a GPU with known free memory, the split of this process's share of the effective batch:
+    without gradient checkpointing at the largest micro-batch that fits, if one at least as large
+    as the configured `micro_batch` does (recomputing costs about a third more compute); else with
+    checkpointing at the largest micro-batch that fits. Every micro-batch is a divisor of the share
+    and at most `cap`. `checkpointing` True/False (the setting) is kept: only the micro-batch moves.
+    On a CPU, or with unknown free memory, the configured split stays. A wrong estimate is caught by
+    the out-of-memory retry, which lowers `cap`."""
+    from slmforge.memory import lora_training_bytes
+
+    share = micro_batch * grad_accum
+    keep = MemoryPlan(micro_batch, grad_accum, bool(hw.gpus) if checkpointing == "auto" else bool(checkpointing),
+                      None, None, "")
+    if not hw.gpus:
+        return replace(keep, reason="CPU: the configured micro-batch")
+    if hw.gpu_free_gb is None:
+        return replace(keep, reason="free GPU memory unknown: the configured micro-batch")
+    budget = hw.gpu_free_gb * GPU_MEMORY_SHARE
+    sizes = sorted((d for d in range(1, min(cap, share) + 1) if share % d == 0), reverse=True)
+
+    def gb(micro: int, ckpt: bool) -> float:
+        return lora_training_bytes(shape, r=lora_r, seq_len=seq_len, batch_size=micro, gradient_checkpointing=ckpt,
+                                   full_logits=not liger)["total"] / 1e9
+
+    def plan(micro: int, ckpt: bool, why: str) -> MemoryPlan:
+        est = gb(micro, ckpt)
+        return MemoryPlan(micro, share // micro, ckpt, round(est, 2), round(budget, 2),
+                          f"micro-batch {micro} x accumulation {share // micro}, checkpointing {'on' if ckpt else 'off'}"
+                          f" ({why}): estimated {est:.1f} GB of {budget:.1f} GB ({GPU_MEMORY_SHARE:.0%} of "
+                          f"{hw.gpu_free_gb:.1f} GB free)")
+
+    if checkpointing == "auto":
+        for micro in (m for m in sizes if m >= min(micro_batch, sizes[0])):
+            if gb(micro, False) <= budget:
+                return plan(micro, False, "fits without recomputing")
+        ckpt, why = True, "needed to fit this micro-batch"
+    else:
+        ckpt, why = bool(checkpointing), "set by train.gradient_checkpointing"
+    for micro in sizes:
+        if gb(micro, ckpt) <= budget:
+            return plan(micro, ckpt, why)
+    return replace(plan(sizes[-1], ckpt, why), reason=(
+        f"nothing fits the estimate ({gb(sizes[-1], ckpt):.1f} GB at micro-batch {sizes[-1]} of {budget:.1f} GB): "
+        f"micro-batch {sizes[-1]}, checkpointing {'on' if ckpt else 'off'}; an out-of-memory error ends the stage"))
 
 
 def for_config(model_cfg, train_cfg=None, hw: Hardware | None = None, local_rank: int = 0) -> Runtime:

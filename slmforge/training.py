@@ -320,6 +320,7 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         fp16=rt.mixed_precision == "fp16",  # with the Trainer's loss scaling
         use_cpu=not rt.on_gpu,
         gradient_checkpointing=False,  # attach_adapter switched it on already where rt says so
+        use_liger_kernel=rt.liger,  # fused linear cross-entropy (no full logits) and Liger's kernels
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         logging_steps=cfg.logging_steps,

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from slmforge import runtime as R
 from slmforge import training as T
 from slmforge.checkpoints import checkpoint_prefix, checkpoint_uploader, restore_checkpoint, store_checkpoints  # noqa: F401
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
+from slmforge.model_shape import ModelShape
 from slmforge.records import read_jsonl
 from slmforge.report import loss_chart
 from tasks import faults
@@ -62,6 +64,21 @@ def adapter_key(dataset: dict, base: dict, lora: LoraSettings, cfg: TrainConfig)
     return f"adapters/{content_hash(parts)}"
 
 
+def fit_to_gpu_memory(store: ArtifactStore, base: dict, dataset: dict, lora: LoraSettings, cfg: TrainConfig,
+                      rt: R.Runtime, micro: int, accum: int, halvings: int, log=print, hw: R.Hardware | None = None):
+    """`runtime.plan_memory` for this model on this GPU: each out-of-memory retry halves the largest
+    micro-batch it may choose. Returns (micro, accum, runtime with the chosen checkpointing)."""
+    config = json.loads((store.get_dir(base["quantized"]["key"]) / "config.json").read_text())
+    share = micro * accum
+    plan = R.plan_memory(ModelShape.from_config(config), hw or R.Hardware.probe(), micro_batch=micro, grad_accum=accum,
+                         cap=max(MIN_MICRO_BATCH, share >> halvings), seq_len=dataset.get("max_length") or 512,
+                         lora_r=lora.r, checkpointing=cfg.gradient_checkpointing, liger=rt.liger)
+    log(f"memory plan: {plan.reason}")
+    rt = replace(rt, gradient_checkpointing=plan.gradient_checkpointing,
+                 reasons={**rt.reasons, "gradient_checkpointing": plan.reason})
+    return plan.micro_batch, plan.grad_accum, rt
+
+
 def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSettings, cfg: TrainConfig,
                  store: ArtifactStore, progress=None, halvings: int = 0, log=print, attempt: int = 1) -> dict:
     """Train (or resume) the adapter and commit it to the store: in this process, or with
@@ -80,6 +97,8 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     work.mkdir(parents=True, exist_ok=True)
     resume_step = restore_checkpoint(store, checkpoint_prefix(key), work, log)
     rt = R.for_config(model_cfg, cfg)
+    if rt.on_gpu:  # the micro-batch and checkpointing the free GPU memory allows, same effective batch
+        micro, accum, rt = fit_to_gpu_memory(store, base, dataset, lora, cfg, rt, micro, accum, halvings, log)
     log(f"runtime: {rt.describe()}")
     if plan.distributed:
         staging = store.staging_dir(key)
@@ -87,6 +106,7 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
                "model": model_cfg.model_dump(), "lora": lora.model_dump(), "train": cfg.model_dump(),
                "store": {"url": store.url, "endpoint_url": store.endpoint_url}, "backend": plan.backend,
                "micro_batch": micro, "grad_accum": accum, "max_length": dataset.get("max_length"),
+               "gradient_checkpointing": rt.gradient_checkpointing,
                "resume_step": resume_step, "attempt": attempt, "staging": str(staging),
                "result": str(work / "result.json"), "errors": str(work / "errors")}
         try:

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def run(job: dict) -> None:
     node_rank = int(os.environ.get("GROUP_RANK", 0))
     model_cfg, train_cfg = ModelConfig(**job["model"]), TrainConfig(**job["train"])
     rt = R.for_config(model_cfg, train_cfg, local_rank=local_rank)
+    if "gradient_checkpointing" in job:  # the launching stage's memory plan (tasks.train.fit_to_gpu_memory)
+        rt = replace(rt, gradient_checkpointing=job["gradient_checkpointing"])
     if rt.on_gpu:
         torch.cuda.set_device(local_rank)
     torch.distributed.init_process_group(job["backend"])

@@ -150,3 +150,108 @@ def test_merge_check_and_evaluation_move_inputs_to_the_models_device():
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2, decode=lambda ids, **k: "")
     generate_answers(a, tokenizer, records, max_new_tokens=2, batch_size=2)
     assert a.seen and set(a.seen) == {"meta"} and set(b.seen) == {"meta"}
+
+
+# -- GPU memory plan: micro-batch and checkpointing from the free memory (issue 21) ---------------
+
+def _shape(model_id: str):
+    from slmforge.catalog import catalog_entry
+    from slmforge.model_shape import ModelShape
+
+    return ModelShape.from_catalog(catalog_entry(model_id))
+
+
+QWEN_3B, QWEN_7B = "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-7B-Instruct"
+H200_FREE = Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, gpu_free_gb=139.0)
+T4_FREE = Hardware(gpus=1, gpu_name="Tesla T4", gpu_bf16=False, gpu_free_gb=15.0)
+
+
+def _plan(model_id, hw, micro=4, accum=4, cap=None, checkpointing="auto", liger=False, seq_len=512):
+    from slmforge.runtime import plan_memory
+
+    return plan_memory(_shape(model_id), hw, micro_batch=micro, grad_accum=accum, cap=cap or micro * accum,
+                       seq_len=seq_len, lora_r=16, checkpointing=checkpointing, liger=liger)
+
+
+def test_a_big_gpu_takes_the_whole_batch_in_one_micro_batch_without_checkpointing():
+    p = _plan(QWEN_3B, H200_FREE)  # the recipe's 4 x 4 on an H200: one micro-batch of 16 fits
+    assert (p.micro_batch, p.grad_accum, p.gradient_checkpointing) == (16, 1, False), p.reason
+    assert p.estimate_gb <= p.budget_gb and "fits without recomputing" in p.reason
+    p7 = _plan(QWEN_7B, H200_FREE)  # the 7B shape does not fit 16 at once: 8 x 2, still no recomputing
+    assert (p7.micro_batch, p7.grad_accum, p7.gradient_checkpointing) == (8, 2, False), p7.reason
+
+
+def test_a_small_gpu_checkpoints_rather_than_shrink_below_the_configured_micro_batch():
+    p = _plan(QWEN_3B, T4_FREE)  # micro-batch 1 would fit without checkpointing; 4 needs it
+    assert p.gradient_checkpointing and p.micro_batch >= 4 and p.micro_batch * p.grad_accum == 16, p.reason
+    assert "needed to fit" in p.reason
+
+
+def test_the_setting_keeps_checkpointing_and_only_the_micro_batch_moves():
+    on = _plan(QWEN_3B, H200_FREE, checkpointing=True)
+    assert on.gradient_checkpointing and on.micro_batch == 16 and "set by train" in on.reason
+    off = _plan(QWEN_7B, T4_FREE, checkpointing=False)  # 7B without recomputing on 15 GB: nothing fits
+    assert not off.gradient_checkpointing and off.micro_batch == 1 and "nothing fits" in off.reason
+
+
+def test_an_out_of_memory_retry_caps_the_micro_batch():
+    p = _plan(QWEN_3B, H200_FREE, cap=8)  # the plan said 16, that OOMed: half of it at most
+    assert (p.micro_batch, p.grad_accum) == (8, 2) and not p.gradient_checkpointing
+
+
+def test_liger_drops_the_logits_from_the_estimate():
+    tight = Hardware(gpus=1, gpu_name="NVIDIA L4", gpu_bf16=True, gpu_free_gb=24.0)
+    without, with_liger = _plan(QWEN_3B, tight), _plan(QWEN_3B, tight, liger=True)
+    assert with_liger.estimate_gb < without.estimate_gb
+    assert with_liger.micro_batch >= without.micro_batch
+
+
+def test_without_free_memory_or_a_gpu_the_configured_split_stays():
+    unknown = _plan(QWEN_3B, H200)  # H200 above has no free-memory reading
+    assert (unknown.micro_batch, unknown.grad_accum, unknown.gradient_checkpointing) == (4, 4, True)
+    assert "unknown" in unknown.reason
+    cpu = _plan(QWEN_3B, CPU)
+    assert (cpu.micro_batch, cpu.grad_accum, cpu.gradient_checkpointing) == (4, 4, False)
+
+
+def test_liger_is_used_on_a_gpu_where_it_is_installed_and_reaches_the_trainer(tmp_path):
+    from slmforge.config import TrainConfig
+    from slmforge.training import sft_config
+
+    assert decide(hw=Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, liger=True)).liger
+    assert not decide(hw=H200).liger and "not installed" in decide(hw=H200).reasons["liger"]
+    assert not decide(hw=Hardware(gpus=0, liger=True)).liger  # Triton kernels: GPU only
+    assert sft_config(TrainConfig(), decide(hw=CPU), tmp_path, 4, 1, None, False, 10).use_liger_kernel is False
+
+
+def test_cpu_features_name_the_bf16_and_avx512_flags():
+    from slmforge.runtime import cpu_features
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert cpu_features(info) == {"cpu_model": "AMD EPYC 9B14", "avx2": True, "avx512f": True,
+                                  "avx512_bf16": True, "amx_bf16": False, "amx_tile": False}
+    assert cpu_features("model name : old\nflags : sse4_2 avx2\n")["avx512_bf16"] is False
+
+
+def test_the_train_stage_runs_the_memory_plan_for_its_model(tmp_path, tiny_model_dir):
+    """What `run_training` does on a GPU, with the probe injected: the model's config from the store,
+    the plan's split and checkpointing into the runtime, and an OOM retry halving the cap."""
+    import shutil
+
+    from slmforge.config import LoraSettings, TrainConfig
+    from slmforge.storage import ArtifactStore
+    from tasks.train import fit_to_gpu_memory
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    staging = store.staging_dir("models/quantized/tiny")
+    shutil.copy(tiny_model_dir / "config.json", staging / "config.json")
+    store.commit_dir(staging, "models/quantized/tiny")
+    base, dataset = {"quantized": {"key": "models/quantized/tiny"}}, {"max_length": 128}
+    rt = decide(hw=H200_FREE)
+    assert rt.gradient_checkpointing  # before the plan: on, as for any GPU
+    micro, accum, planned = fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(), rt, 4, 4, 0,
+                                              log=lambda m: None, hw=H200_FREE)
+    assert (micro, accum, planned.gradient_checkpointing) == (16, 1, False)
+    assert "fits without recomputing" in planned.reasons["gradient_checkpointing"]
+    assert fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(), rt, 4, 4, 2,
+                             log=lambda m: None, hw=H200_FREE)[:2] == (4, 4)  # two OOM halvings: at most 16 >> 2
