@@ -7,7 +7,8 @@ defaults" table of step costs.
         '[["trl as shipped", false, 0.05], ["labelled positions only", true, 0.05],
           ["labelled only, dropout 0", true, 0.0], ["dropout 0", false, 0.0]]'
 
-Each variant: [name, labelled positions only, lora dropout]. Steps: `--steps` (10); the first two
+Each variant: [name, labelled positions only, lora dropout] and, optionally, the 4-bit layers'
+compute dtype (`model.compute_dtype`: auto, float32, bfloat16). Steps: `--steps` (10); the first two
 are left out of the mean (allocation, warm-up). The store (dataset, quantized base) goes under --work.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slmforge import modeling as M  # noqa: E402
+from slmforge import runtime as R  # noqa: E402
 from slmforge import training as T  # noqa: E402
 from slmforge.config import FinetuneConfig  # noqa: E402
 from slmforge.records import read_jsonl  # noqa: E402
@@ -35,7 +37,7 @@ from slmforge.storage import ArtifactStore  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variants", help="JSON list of [name, labelled_only, dropout]")
+    ap.add_argument("variants", help="JSON list of [name, labelled_only, dropout(, compute_dtype)]")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmforge-step-time"))
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
@@ -46,12 +48,12 @@ def main() -> None:
     quantized = quantize_base(cfg.model, materialise_base(cfg.model, store), store)
     train = read_jsonl(store.get_dir(dataset["key"]) / "train.jsonl")
     model_dir = store.get_dir(quantized["key"])
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    print(f"{platform.processor() or platform.machine()}; avx512_bf16: {'avx512_bf16' in cpu}; "
+    print(f"{platform.processor() or platform.machine()}; {R.cpu_features()}; "
           f"rows {len(train)}, mean {sum(len(r['input_ids']) for r in train) / len(train):.1f} tokens", flush=True)
     labelled_only = T.score_labelled_positions_only
-    for name, compact, dropout in json.loads(args.variants):
-        model = M.load_model(model_dir, "saved")
+    for name, compact, dropout, *compute in json.loads(args.variants):
+        rt = R.decide(compute[0] if compute else "auto")
+        model = M.load_model(model_dir, "saved", rt)
         tokenizer = M.load_tokenizer(model_dir)
         T.score_labelled_positions_only = labelled_only if compact else contextlib.nullcontext
         stamps: list[float] = []
@@ -64,7 +66,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         _, result = T.train(model, tokenizer, train, None, cfg.lora.model_copy(update={"dropout": dropout}),
                             cfg.train.model_copy(update={"max_steps": args.steps, "logging_steps": 1}), out,
-                            progress=progress, save_steps=10**6)
+                            progress=progress, save_steps=10**6, rt=rt)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])][1:]
         print(f"{name}: {sum(gaps) / len(gaps):.2f} s/step (steps 3-{args.steps}), train loss {result.train_loss}",
               flush=True)
