@@ -75,7 +75,7 @@ def weed_server(tmp_path_factory):
 
 @pytest.fixture
 def weed(weed_server, monkeypatch):
-    import slmforge.storage as S
+    import slmforge.store_calls as S
 
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
