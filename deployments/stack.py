@@ -60,7 +60,8 @@ class StackSettings:
     nightly_config: str | None = None              # finetune settings of finetune/nightly (YAML) ...
     nightly_overrides: tuple[str, ...] = ()        # ... and `key=value` overrides: its default parameters
     cuda_visible_devices: str = "0"
-    workers: int = 1           # workers on the gpu pool (slots of the pool and the `gpu` limit)
+    workers: int | None = None  # workers on the gpu pool (slots of the pool and the `gpu` limit); None: as
+                                # recorded by the last `up`, else 1
     region: str = "us-east-1"
     worker_query_seconds: int = 2
     python: str = sys.executable
@@ -72,7 +73,7 @@ class StackSettings:
         """What `up` starts, in this order: the store, the server, the control pool's worker, the
         gpu pool's workers (`worker`, `worker-2`, ...)."""
         return ["seaweedfs", "prefect-server", CONTROL_WORKER,
-                *(["worker"] + [f"worker-{i}" for i in range(2, self.workers + 1)])]
+                *(["worker"] + [f"worker-{i}" for i in range(2, (self.workers or 1) + 1)])]
 
     @property
     def api_url(self) -> str:
@@ -424,7 +425,7 @@ def _configure(settings: StackSettings, log) -> dict[str, Any]:
     creds = credentials(settings)
     return deploy_all(settings.api_url, pool=settings.pool, cron=settings.cron, timezone=settings.timezone,
                       storage_url=settings.storage_url, endpoint_url=settings.s3_endpoint, region=settings.region,
-                      cuda_visible_devices=settings.cuda_visible_devices, gpu_slots=settings.workers,
+                      cuda_visible_devices=settings.cuda_visible_devices, gpu_slots=settings.workers or 1,
                       aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
                       webhook_url=settings.webhook_url, nightly_config=settings.nightly_config,
                       nightly_overrides=settings.nightly_overrides, log=log)
@@ -436,6 +437,8 @@ def up(settings: StackSettings, log=print) -> dict[str, Any]:
     state = load_state(settings)
     if settings.webhook_url is None:
         settings.webhook_url = state.get("settings", {}).get("webhook_url")  # keep a configured webhook
+    if settings.workers is None:  # `slmforge up` again without --workers keeps the stack's workers and slots
+        settings.workers = state.get("settings", {}).get("workers") or 1
     running = running_processes(settings)
     recorded = state.get("settings", {})
     moved = [k for k in ("port", "s3_port", "bucket") if recorded.get(k) not in (None, getattr(settings, k))]

@@ -83,8 +83,9 @@ def _add_stack_commands(sub) -> None:
     up.add_argument("--nightly-set", dest="nightly_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="one finetune setting of the nightly runs (repeatable), e.g. --nightly-set train.epochs=3; "
                          "these become the deployment's default parameters (scheduled runs, the UI's Run button)")
-    up.add_argument("--workers", type=int, default=1,
-                    help="workers on the gpu pool, one flow run each at a time (default 1); a comparison runs its "
+    up.add_argument("--workers", type=int, default=None,
+                    help="workers on the gpu pool, one flow run each at a time (default: as the running stack has "
+                         "them, else 1); a comparison runs its "
                          "models on all of them at once (here they share this machine's CPU or GPU)")
     up.add_argument("--webhook-url", default=os.environ.get("SLMFORGE_WEBHOOK_URL"),
                     help="post failed or crashed nightly runs here (default SLMFORGE_WEBHOOK_URL; none: no notifications)")
@@ -111,7 +112,7 @@ def cmd_up(args) -> int:
 
     from deployments.deploy import nightly_settings
 
-    if getattr(args, "workers", 1) < 1:
+    if getattr(args, "workers", None) is not None and args.workers < 1:
         return _fail(f"--workers {args.workers}: must be 1 or more")
     settings = _stack_settings(args)
     try:  # a bad nightly setting fails before anything starts

@@ -113,10 +113,10 @@ class Stack:
                 "data.max_length=128", "train.max_steps=2", "train.batch_size=4", "eval.max_new_tokens=4",
                 "eval.batch_size=4", "eval.samples=2", "merge.min_answer_agreement=0"]
 
-    def up(self, cron: str = "0 2 * * *") -> subprocess.CompletedProcess:
+    def up(self, cron: str = "0 2 * * *", workers: bool = True) -> subprocess.CompletedProcess:
         return self.run(["slmforge", "up", "--state-dir", str(self.state_dir), "--port", str(self.port),
                          "--s3-port", str(self.s3_port), "--webhook-url", self.webhook.url, "--cron", cron,
-                         "--workers", str(WORKERS),
+                         *(["--workers", str(WORKERS)] if workers else []),
                          *(a for x in self.nightly_settings() for a in ("--nightly-set", x))])
 
     def down(self) -> subprocess.CompletedProcess:
@@ -265,6 +265,8 @@ def test_up_creates_everything_once_and_is_idempotent(stack):
     assert set(before) == {"seaweedfs", "prefect-server", "worker-control", "worker", "worker-2"}
     out = stack.up().stdout  # again: nothing new starts, the configuration is re-applied
     assert "already running" in out and stack.ui_url in out and "prefect deployment run finetune/nightly" in out
+    assert {name: p.pid for name, p in stack.processes().items()} == before
+    stack.up(workers=False)  # without --workers: the stack keeps its two workers and their slots
     assert {name: p.pid for name, p in stack.processes().items()} == before
 
     with stack.api() as client:
