@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from slmforge.benchmarking import load_average
 from slmforge.compare_config import CompareConfig
@@ -91,7 +92,7 @@ def compare(cfg: CompareConfig = CompareConfig()) -> dict:
     rows = [row for p in parts for row in p["rows"]]
     gpu = any(p.get("gpu") for p in parts) if deployment else on_gpu()
     eval_n = max((p.get("eval_items") or 0 for p in parts), default=0) or len(examples)
-    key = compare_key(cfg, entries, gpu)
+    key = compare_key(cfg, entries, gpu, str(flow_run.id))
     record = compare_report(rows, cfg, key, started, eval_n, load_at_start)
     logger.info("report: %s/report.md", record["uri"])
     return {"uri": record["uri"], "key": record["key"], "report": f"{record['uri']}/report.md",

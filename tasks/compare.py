@@ -205,9 +205,13 @@ def collect_part(spec: str, flow_run, store: ArtifactStore, key: str) -> dict:
 
 # -- the report --------------------------------------------------------------------------------
 
-def compare_key(cfg: CompareConfig, entries: list[dict], gpu: bool) -> str:
+def compare_key(cfg: CompareConfig, entries: list[dict], gpu: bool, run_id: str) -> str:
+    """A comparison is a measurement, not a cache: every run is its own output (`run_id`, the flow
+    run's id). Without it, a second run of the same settings would find the first one's report
+    committed under its key and adopt it (the store never replaces an output), so the report in
+    the store would not be the one this run measured."""
     ident = [{k: e.get(k) for k in ("spec", "kind", "key", "path", "error", "skipped")} for e in entries]
-    return f"compare/{content_hash([cfg.model_dump(mode='json', exclude={'storage'}), ident, gpu])}"
+    return f"compare/{content_hash([cfg.model_dump(mode='json', exclude={'storage'}), ident, gpu, run_id])}"
 
 
 def write_report(rows: list[dict], cfg: CompareConfig, key: str, store: ArtifactStore, started: float,

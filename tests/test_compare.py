@@ -284,3 +284,18 @@ def test_a_model_run_that_crashed_or_wrote_nothing_keeps_its_row_with_why(tmp_pa
                    [{}, {}])
     write_part(written, key, cfg)
     assert collect_part("/models/b", done, store, key) == {**written, "gpu": False}
+
+
+def test_two_comparisons_of_the_same_settings_each_keep_their_own_report(tmp_path):
+    """The store never replaces an output, so a comparison keyed by its settings alone would adopt the
+    first run's report: the store's report.md would not be the one the second run measured."""
+    from tasks.compare import compare_key, error_row, write_report
+
+    cfg = CompareConfig(storage={"url": f"file://{tmp_path}/store"})
+    store = ArtifactStore.from_config(cfg.storage)
+    entries = [{"spec": "m", "kind": "error", "error": "x"}]
+    for run, error in (("run-1", "first run's error"), ("run-2", "second run's error")):
+        key = compare_key(cfg, entries, False, run)
+        write_report([error_row({"spec": "m"}, "all", error)], cfg, key, store, time.time(), 0, log=lambda m: None)
+        rows = json.loads((store.get_dir(key) / "results.json").read_text())["rows"]
+        assert rows[0]["errors"] == [error], (run, rows)
