@@ -106,6 +106,9 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Train towards (1 - e) on the answer's token and "
+                                   "e spread over the vocabulary: a model less sure of everything, including the "
+                                   "facts it was not taught (README: Choosing the defaults). 0 = plain cross-entropy.")
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations to save memory; `auto` = on for GPU, off on CPU."

@@ -117,6 +117,39 @@ def score_labelled_positions_only():
         trl_utils._use_triton = original
 
 
+def trainer_class(base, label_smoothing: float):
+    """trl's SFTTrainer, or with label smoothing one whose loss scores the answer positions' full logits.
+
+    trl's own `label_smoothing_factor` runs a second forward pass for the full logits of every position;
+    here the LM head runs once, over the positions from the batch's first labelled one to the end (the
+    answers sit at the end of each row), and the loss goes through the model's forward, so DDP still
+    synchronises the gradients.
+    """
+    if not label_smoothing:
+        return base
+    import torch
+    import torch.nn.functional as F
+
+    class SmoothedSFTTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs["labels"][:, 1:]  # the token each position predicts
+            labelled = (targets != -100).any(0).nonzero()
+            first = int(labelled[0]) if len(labelled) else targets.shape[1] - 1
+            keep = targets.shape[1] + 1 - first  # logits from `first` on (the last one predicts nothing)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False,
+                            logits_to_keep=keep)
+            logits = outputs.logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, first:].reshape(-1),
+                                   ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+            n = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(n).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as trl: DDP averages the gradients
+            return (loss, outputs) if return_outputs else loss
+
+    return SmoothedSFTTrainer
+
+
 def progress_callback(report: Callable[[int, int, dict | None], None]):
     """A transformers TrainerCallback forwarding steps and losses to a reporter (Prefect artifact, logs)."""
     from transformers import TrainerCallback
@@ -230,7 +263,7 @@ def train(
     args = sft_config(cfg, rt, output_dir, micro_batch, grad_accum, pack_length, evaluate=eval_ds is not None,
                       save_steps=save_steps or getattr(cfg, "save_steps", None)
                       or max(math.ceil(len(train_ds) / per_step), 10))
-    trainer = SFTTrainer(
+    trainer = trainer_class(SFTTrainer, cfg.label_smoothing)(
         model=model,
         args=args,
         train_dataset=train_ds,

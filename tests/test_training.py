@@ -1,6 +1,7 @@
 """QLoRA on a 4-bit base must learn. The fixed set is small, so a working run memorises it; a
 broken one (frozen adapter, bf16-rounded updates, labels all masked) stays near the start."""
 
+import pytest
 import torch
 
 from slmforge import modeling as M
@@ -79,6 +80,25 @@ def test_qlora_learns_facts_that_are_not_in_the_question(tiny_model_dir, tmp_pat
     assert after < 0.75 * before, (before, after)
     before, after = _key_loss_after_training(tiny_model_dir, tmp_path / "prompts", "prompt")
     assert after > 0.9 * before, ("training on the prompts must not teach the keys", before, after)
+
+
+def _loss_curve(model_dir, out_dir, label_smoothing: float) -> list[float]:
+    tok = M.load_tokenizer(model_dir)
+    cfg = TrainConfig(max_steps=6, batch_size=8, learning_rate=3e-3, warmup_steps=2, logging_steps=1,
+                      label_smoothing=label_smoothing)
+    _, result = T.train(M.load_model(model_dir, "4bit"), tok, _records(tok), None, LoraSettings(dropout=0.0), cfg,
+                        out_dir)
+    return [h["loss"] for h in result.loss_curve if "loss" in h]
+
+
+def test_label_smoothing_scores_the_same_positions_as_trl(tiny_model_dir, tmp_path):
+    """The smoothed loss runs the LM head itself, on the answer positions only; with a vanishing
+    smoothing it must reproduce trl's fused loss step for step (a shifted label or a missed position
+    would not), and with 0.1 it must differ."""
+    trl_curve = _loss_curve(tiny_model_dir, tmp_path / "trl", 0.0)
+    assert len(trl_curve) == 6
+    assert _loss_curve(tiny_model_dir, tmp_path / "tiny", 1e-12) == pytest.approx(trl_curve, abs=1e-4)
+    assert _loss_curve(tiny_model_dir, tmp_path / "smooth", 0.1)[0] > trl_curve[0] + 1e-3
 
 
 def test_lora_target_modules_that_match_nothing_fail_early(tiny_model_dir):
