@@ -109,6 +109,10 @@ class CompareConfig(_Section):
                     "itself runs from a deployment and this one exists on the server, every model is its own flow "
                     "run on that deployment's pool, so N GPU workers share one comparison; otherwise (a local run, "
                     "a missing deployment: one log line) every model is measured in this flow run. Empty = never.")
+    no_worker_timeout_s: float = Field(
+        900, gt=0, description="A fanned-out model run that has not started while its work pool has no worker "
+        "online (none polls it, or it is paused) for this long is cancelled and its row says so; runs queued "
+        "behind other runs while workers are online wait as long as it takes.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("models")

@@ -320,6 +320,7 @@ def measure_on_pool(spec: str, cfg: CompareConfig, deployment: str) -> dict:
     waited for and collected. The idempotency key ties it to this comparison's flow run, so a
     re-run of the comparison after a crash waits for the same model runs instead of starting
     new ones."""
+    from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
     from prefect.deployments import run_deployment
 
@@ -328,9 +329,45 @@ def measure_on_pool(spec: str, cfg: CompareConfig, deployment: str) -> dict:
     key = part_key(parent, spec)
     run = run_deployment(deployment, parameters={"cfg": cfg.model_dump(mode="json"), "spec": spec, "part_key": key},
                          flow_run_name=f"compare-{display_name(spec)}"[:100], idempotency_key=f"{parent}:{spec}",
-                         poll_interval=POLL_S, timeout=None, tags=["compare"])
+                         timeout=0, tags=["compare"])
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(deployment).work_pool_name
+        run = wait_for_model_run(client, run.id, pool, cfg.no_worker_timeout_s, log=logger.warning)
     logger.info("%s: flow run %s ended %s", spec, run.name, run.state.name if run.state else "?")
     return collect_part(spec, run, ArtifactStore.from_config(cfg.storage), key)
+
+
+def wait_for_model_run(client, run_id, pool: str | None, patience_s: float, poll_s: float = POLL_S, log=print):
+    """The model run once it has ended, however long it runs or queues behind other runs for a worker.
+
+    The one wait that cannot end by itself: a run that has not started while its pool has no
+    worker online (nobody polls it, or it is paused). After `patience_s` of that, the run is
+    cancelled, so it does not start hours later unattended, and its row says why.
+    """
+    from prefect.client.schemas.objects import WorkPoolStatus
+    from prefect.states import Cancelled
+
+    no_worker_since = None
+    while True:
+        run = client.read_flow_run(run_id)
+        state = run.state
+        if state is not None and state.is_final():
+            return run
+        waiting = state is None or state.is_scheduled() or state.is_pending()
+        status = client.read_work_pool(pool).status if waiting and pool else WorkPoolStatus.READY
+        if status in (WorkPoolStatus.READY, None):  # None: a server that does not say
+            no_worker_since = None
+        elif no_worker_since is None:
+            no_worker_since = time.monotonic()
+        elif time.monotonic() - no_worker_since >= patience_s:
+            why = (f"not started: work pool {pool!r} had no worker online for {patience_s:g} s "
+                   f"({str(status.value).lower().replace('_', ' ')}; start one with "
+                   f"`prefect worker start --pool {pool}` or `slmforge up`; "
+                   f"setting no_worker_timeout_s)")
+            log(f"flow run {run.name}: {why}")
+            client.set_flow_run_state(run_id, Cancelled(message=why), force=True)
+            return client.read_flow_run(run_id)
+        time.sleep(poll_s)
 
 
 @task(name="compare_report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

@@ -299,3 +299,55 @@ def test_two_comparisons_of_the_same_settings_each_keep_their_own_report(tmp_pat
         write_report([error_row({"spec": "m"}, "all", error)], cfg, key, store, time.time(), 0, log=lambda m: None)
         rows = json.loads((store.get_dir(key) / "results.json").read_text())["rows"]
         assert rows[0]["errors"] == [error], (run, rows)
+
+
+def test_a_model_run_waits_for_busy_workers_but_not_for_a_pool_without_any(prefect_api):
+    """A fanned-out model run that no worker can ever pick up is cancelled with why (the comparison
+    waited forever before); one whose pool has a worker online waits however long it queues."""
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Completed
+
+    from tasks.compare import wait_for_model_run
+
+    @flow(name="compare-model-test")
+    def model_run():
+        pass
+
+    def scheduled_run(client, pool: str):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = client.create_flow_from_name("compare-model-test")
+        deployment = client.create_deployment(flow_id=flow_id, name=pool, work_pool_name=pool)
+        return client.create_flow_run_from_deployment(deployment)
+
+    def wait(run_id, pool: str, log=print):
+        """wait_for_model_run in a thread, so a guard that never fires fails the test instead of hanging it"""
+        out = []
+        waiter = threading.Thread(target=lambda: out.append(wait_for_model_run(
+            get_client(sync_client=True).__enter__(), run_id, pool, patience_s=1, poll_s=0.2, log=log)), daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert out, f"still waiting for {run_id} on pool {pool!r} after 60 s"
+        return out[0]
+
+    def complete_later(run_id):
+        with get_client(sync_client=True) as c:
+            c.set_flow_run_state(run_id, Completed(), force=True)
+
+    logged = []
+    with get_client(sync_client=True) as client:
+        orphan = scheduled_run(client, "nobody-polls")
+        run = wait(orphan.id, "nobody-polls", log=logged.append)
+        assert run.state.is_cancelled(), run.state
+        assert "no worker online" in run.state.message and "nobody-polls" in run.state.message
+        assert logged and "nobody-polls" in logged[0]
+
+        queued = scheduled_run(client, "busy")
+        client.send_worker_heartbeat("busy", "gpu-worker-1")  # a worker online, busy with other runs
+        assert client.read_work_pool("busy").status.value == "READY"
+        threading.Timer(3, complete_later, args=(queued.id,)).start()
+        run = wait(queued.id, "busy")
+        assert run.state.is_completed(), run.state  # waited past the patience: the pool had a worker
