@@ -143,20 +143,28 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def cmd_finetune(args) -> int:
+def _load_or_print(load, args):
+    """(config, None) to go on, or (None, exit status): the config is invalid, or --print-config printed it."""
     import yaml
 
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        return None, _fail(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))
+        return None, 0
+    return cfg, None
+
+
+def cmd_finetune(args) -> int:
     from slmforge.data import DataError
     from slmforge.modeling import ModelSourceError
     from slmforge.storage import ArtifactStore, StoreError
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return _fail(str(e))
-    if args.print_config:
-        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))
-        return 0
+    cfg, status = _load_or_print(load_config, args)
+    if cfg is None:
+        return status
     # Fail in seconds, before Prefect starts or any weights load.
     from tasks.dataset import validate_data
     from tasks.validate import check_inputs
@@ -188,19 +196,13 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import yaml
-
     from slmforge.compare_config import load_compare_config
     from slmforge.data import DataError
     from slmforge.storage import ArtifactStore, StoreError
 
-    try:
-        cfg = load_compare_config(args.config, args.overrides)
-    except ConfigError as e:
-        return _fail(str(e))
-    if args.print_config:
-        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))
-        return 0
+    cfg, status = _load_or_print(load_compare_config, args)
+    if cfg is None:
+        return status
     # Fail in seconds, before Prefect starts or any weights load; a bad model source is a row, not a failure.
     from tasks.dataset import validate_data
 
