@@ -43,7 +43,7 @@ run: setup-run
 
 # SLMFORGE_NO_SKIPS: everything a test needs is installed above, so a skipped test fails the run
 test: setup gemma
-	SLMFORGE_NO_SKIPS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	SLMFORGE_NO_SKIPS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -ra -m "not slow and not e2e" $(PYTEST_ARGS)
