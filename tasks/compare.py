@@ -337,6 +337,16 @@ def measure_on_pool(spec: str, cfg: CompareConfig, deployment: str) -> dict:
     return collect_part(spec, run, ArtifactStore.from_config(cfg.storage), key)
 
 
+def _pool_status(client, pool: str):
+    """The pool's status (READY once a worker polls it), or "missing" for a pool deleted since."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_work_pool(pool).status
+    except ObjectNotFound:
+        return "missing"
+
+
 def wait_for_model_run(client, run_id, pool: str | None, patience_s: float, poll_s: float = POLL_S, log=print):
     """The model run once it has ended, however long it runs or queues behind other runs for a worker.
 
@@ -354,14 +364,14 @@ def wait_for_model_run(client, run_id, pool: str | None, patience_s: float, poll
         if state is not None and state.is_final():
             return run
         waiting = state is None or state.is_scheduled() or state.is_pending()
-        status = client.read_work_pool(pool).status if waiting and pool else WorkPoolStatus.READY
+        status = _pool_status(client, pool) if waiting and pool else WorkPoolStatus.READY
         if status in (WorkPoolStatus.READY, None):  # None: a server that does not say
             no_worker_since = None
         elif no_worker_since is None:
             no_worker_since = time.monotonic()
         elif time.monotonic() - no_worker_since >= patience_s:
             why = (f"not started: work pool {pool!r} had no worker online for {patience_s:g} s "
-                   f"({str(status.value).lower().replace('_', ' ')}; start one with "
+                   f"({str(getattr(status, 'value', status)).lower().replace('_', ' ')}; start one with "
                    f"`prefect worker start --pool {pool}` or `slmforge up`; "
                    f"setting no_worker_timeout_s)")
             log(f"flow run {run.name}: {why}")

@@ -330,7 +330,7 @@ def test_a_model_run_waits_for_busy_workers_but_not_for_a_pool_without_any(prefe
             get_client(sync_client=True).__enter__(), run_id, pool, patience_s=1, poll_s=0.2, log=log)), daemon=True)
         waiter.start()
         waiter.join(timeout=60)
-        assert out, f"still waiting for {run_id} on pool {pool!r} after 60 s"
+        assert out, f"no result for {run_id} on pool {pool!r} in 60 s (still waiting, or it raised: see above)"
         return out[0]
 
     def complete_later(run_id):
@@ -344,6 +344,11 @@ def test_a_model_run_waits_for_busy_workers_but_not_for_a_pool_without_any(prefe
         assert run.state.is_cancelled(), run.state
         assert "no worker online" in run.state.message and "nobody-polls" in run.state.message
         assert logged and "nobody-polls" in logged[0]
+
+        gone = scheduled_run(client, "deleted-since")
+        client.delete_work_pool("deleted-since")
+        run = wait(gone.id, "deleted-since")
+        assert run.state.is_cancelled() and "(missing;" in run.state.message, run.state
 
         queued = scheduled_run(client, "busy")
         client.send_worker_heartbeat("busy", "gpu-worker-1")  # a worker online, busy with other runs
