@@ -307,7 +307,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             phase("answers", answers)
             row["peak_bytes"] = mem.mark("end")
     finally:
-        del model
+        model = None  # the last reference, so free_memory can release it
         M.free_memory()
         trim_malloc()
     row["status"] = "ok" if not row["errors"] else "partial"

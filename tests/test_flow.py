@@ -71,7 +71,7 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
 
     async def task_states(flow_run_id):
         async with get_client() as client:
-            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}

@@ -1,8 +1,6 @@
-import json
-
 import pytest
 
-from slmforge.storage import MANIFEST, ArtifactStore, StoreError, content_hash
+from slmforge.storage import ArtifactStore, StoreError, content_hash
 
 
 def test_content_hash_follows_inputs_not_key_order():
