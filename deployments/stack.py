@@ -477,20 +477,27 @@ def up(settings: StackSettings, log=print) -> dict[str, Any]:
 
 
 def down(settings: StackSettings, log=print) -> list[int]:
-    """Stop exactly the processes `up` recorded (worker first); keep the data. Returns the stopped pids."""
+    """Stop exactly the processes `up` recorded (the workers first, together: each may wait for its
+    flow run to stop; then the server, then the store); keep the data. Returns the stopped pids."""
+    from concurrent.futures import ThreadPoolExecutor
+
     state = load_state(settings)
     procs = state.get("processes", {})
-    stopped: list[int] = []
-    # workers first (they would restart flow runs), then the server, then the store
-    for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n == "seaweedfs")):
+    workers = sorted(n for n in procs if n.startswith("worker"))  # they would restart flow runs
+    rest = sorted((n for n in procs if n not in workers), key=lambda n: n == "seaweedfs")
+
+    def stop(name: str) -> list[int]:
         proc = Proc(**procs[name])
-        if proc.running():
-            pids = stop_process(proc)
+        return stop_process(proc) if proc.running() else []
+
+    stopped: list[int] = []
+    for group in ([workers] if workers else []) + [[n] for n in rest]:
+        with ThreadPoolExecutor(max_workers=len(group)) as pool:
+            results = list(pool.map(stop, group))
+        for name, pids in zip(group, results):
             stopped += pids
-            log(f"{name}: stopped (pids {pids})")
-        else:
-            log(f"{name}: was not running")
-        del procs[name]
+            log(f"{name}: stopped (pids {pids})" if pids else f"{name}: was not running")
+            del procs[name]
         save_state(settings, state)
     if not stopped:
         log("nothing was running")
