@@ -140,7 +140,7 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
                                       "matmuls); use auto (float32) or bfloat16")
         compute = "float32" if compute_dtype == "auto" else compute_dtype
         reasons["compute_dtype"] = ("float32: bf16 is emulated on CPUs without avx512_bf16, and where it is native it "
-                                    "trained 20% faster but taught fewer facts (README: Choosing the defaults)"
+                                    "trained faster but taught fewer facts (README: Choosing the defaults)"
                                     if compute_dtype == "auto" else f"{compute}: set by model.compute_dtype")
         weights, mixed, optim = "float32", "no", "adamw_torch"
         reasons["mixed_precision"] = "none on CPU: fp32 adapter and optimizer state"

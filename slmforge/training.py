@@ -123,7 +123,8 @@ def trainer_class(base, label_smoothing: float):
     trl's own `label_smoothing_factor` runs a second forward pass for the full logits of every position;
     here the LM head runs once, over the positions from the batch's first labelled one to the end (the
     answers sit at the end of each row), and the loss goes through the model's forward, so DDP still
-    synchronises the gradients.
+    synchronises the gradients. Packed rows hold answers throughout, so there it scores nearly every
+    position: more memory for the logits on a large vocabulary.
     """
     if not label_smoothing:
         return base
