@@ -289,7 +289,7 @@ def _deploy_all(pool, cron, timezone, storage_url, endpoint_url, region, cuda_vi
         nightly_id = deploy(
             "flows/finetune.py:finetune", NIGHTLY, pool, FinetuneConfig.model_validate({**nightly, "storage": storage}),
             ["nightly"], schedules=[Cron(cron, timezone=timezone)],
-            description=f"Nightly QLoRA fine-tune ({cron}, {timezone}): prepare → 4-bit base → train → merge → "
+            description=f"Nightly QLoRA fine-tune ({cron}, {timezone}): prepare → 4-bit base → train → calibrate → merge → "
                         "evaluate → publish if it beats the base. Unchanged stages are cache hits. Edit `cfg` "
                         "to change the model, data or store for one run.")
         log(f"deployment finetune/{NIGHTLY}: cron {cron!r} ({timezone}) on work pool {pool!r}")

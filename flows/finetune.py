@@ -1,4 +1,4 @@
-"""The fine-tuning flow: prepare → load 4-bit base → QLoRA → merge → evaluate → publish.
+"""The fine-tuning flow: prepare → load 4-bit base → QLoRA → calibrate → merge → evaluate → publish.
 
 Reads like the tutorial's numbered steps. Each stage is a cached Prefect task that passes store
 keys, never models; an unchanged stage is a cache hit, and a retried run resumes at the stage
@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 
 from slmforge.config import FinetuneConfig
 from tasks.caching import result_storage
+from tasks.calibrate import calibrate
 from tasks.dataset import prepare_dataset
 from tasks.evaluate import evaluate
 from tasks.merge import merge_adapter
@@ -35,7 +36,8 @@ def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
 
     dataset = stage(prepare_dataset)(cfg.data, cfg.model, cfg.storage)
     base = stage(load_base_model)(cfg.model, cfg.storage)
-    adapter = stage(train_qlora)(dataset, base, cfg.model, cfg.lora, cfg.train, cfg.storage)
+    trained = stage(train_qlora)(dataset, base, cfg.model, cfg.lora, cfg.train, cfg.storage)
+    adapter = stage(calibrate)(trained, base, dataset, cfg.model, cfg.calibrate, cfg.eval, cfg.storage)
     merged = stage(merge_adapter)(adapter, base, dataset, cfg.model, cfg.merge, cfg.eval, cfg.storage)
     report = stage(evaluate)(dataset, base, merged, adapter, cfg.model, cfg.eval, cfg.storage,
                              run_config=cfg.model_dump(exclude={"publish", "storage"}))

@@ -27,7 +27,7 @@ class DataConfig(_Section):
     source: str = Field(
         "bundled:korean-qa-quick",
         description="`bundled:korean-qa` (464 train rows), `bundled:korean-qa-quick` (only the 132 train rows of the "
-        "66 facts the test asks again in new wording, and no validation split: a CPU run of minutes can learn them), a local/object-store (s3://…) JSONL/JSON/CSV/TSV/Parquet file, or "
+        "66 facts the test asks again in new wording: a CPU run of minutes can learn them), a local/object-store (s3://…) JSONL/JSON/CSV/TSV/Parquet file, or "
         "`hf:<dataset id, local data dir or save_to_disk dir>`.",
     )
     split: str = Field("train", description="Split to read for a Hugging Face dataset source.")
@@ -114,6 +114,8 @@ class TrainConfig(_Section):
         "auto", description="Recompute activations to save memory; `auto` = on for GPU, off on CPU."
     )
     packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
+    evaluate_each_epoch: bool = Field(False, description="Validation loss after every epoch (one more forward pass "
+                                      "over the validation split each time), drawn in the loss curve.")
     logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
     save_steps: int = Field(
         50, ge=1, description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
@@ -154,6 +156,16 @@ class TrainConfig(_Section):
             raise ValueError("train.fsdp: not with train.packing (untested combination: packed rows are not "
                              "sharded by length)")
         return self
+
+
+class CalibrateConfig(_Section):
+    """Temperature scaling between training and merging: one T fitted on the validation split."""
+
+    enabled: bool = Field(
+        True, description="Fit one softmax temperature T on the validation split's answers and fold it into the "
+        "adapter (its final norm), so every logit is divided by T: greedy answers do not change, the answer loss "
+        "on facts the model was not taught falls. Skipped when there is no validation split.")
+    items: int = Field(256, ge=1, description="At most this many validation answers to fit T on (one forward pass).")
 
 
 class MergeConfig(_Section):
@@ -250,6 +262,7 @@ class FinetuneConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)

@@ -21,13 +21,13 @@ from slmforge.config import PROJECT_DIR, DataConfig
 from slmforge.readers import FILE_TYPES, DataError, Loc, Report, Row, read_hf_dataset, read_rows
 
 BUNDLED = {"korean-qa": PROJECT_DIR / "data" / "korean_qa"}
-# `bundled:korean-qa-quick`: the same test file, but train and validation keep only the rows of
+# `bundled:korean-qa-quick`: the same test and validation files, but train keeps only the rows of
 # the facts the test asks again in a new wording (its `taught` part). A few minutes of CPU can
 # teach a 135M model these facts; all 339 train facts need the full set and more epochs. No
-# validation row is about a taught fact, so the quick set has no validation split: its loss would
-# measure only facts never trained (it rose from the first epoch) and cost the trainer an
-# evaluation per epoch. The recipe for taught facts was chosen on held-out train wordings
-# (benchmarks/key_accuracy_sweep.py `holdout`).
+# validation row is about a taught fact, so its loss measures only facts never trained (it rises
+# from the first epoch) and cannot choose the recipe for taught facts, which was chosen on held-out
+# train wordings instead (benchmarks/key_accuracy_sweep.py `holdout`); the calibrate stage fits
+# its temperature on it, which is what such answers need.
 QUICK_SUFFIX = "-quick"
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {**{s: s for s in SPLITS}, "val": "validation", "valid": "validation", "dev": "validation"}
@@ -306,7 +306,7 @@ def _read_source(cfg: DataConfig, report: Report, read_file: Callable[[str], Pat
         if quick:
             raw = [r.raw if isinstance(r.raw, dict) else {} for r in rows]
             taught = {x.get("fact") for x in raw if x.get("split") == "test" and x.get("part") == "taught"}
-            rows = [r for r, x in zip(rows, raw) if x.get("split") == "test" or x.get("fact") in taught]
+            rows = [r for r, x in zip(rows, raw) if x.get("split") != "train" or x.get("fact") in taught]
         return rows
     if source.startswith("hf:"):
         return read_hf_dataset(source[3:], cfg, report)

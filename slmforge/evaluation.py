@@ -61,11 +61,10 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
     return out
 
 
-@torch.no_grad()
-def answer_losses(model, records: list[dict], batch_size: int, pad_id: int) -> list[float]:
-    """Mean cross-entropy per record over its labelled (assistant) tokens only."""
+def answer_token_logits(model, records: list[dict], batch_size: int, pad_id: int):
+    """Per batch: the logits that predict each labelled (assistant) token, float32 [n, vocab], the
+    tokens [n], and which record each belongs to [n] (an index into the batch)."""
     device = _device(model)
-    losses: list[float] = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         width = max(len(r["input_ids"]) for r in batch)
@@ -77,14 +76,29 @@ def answer_losses(model, records: list[dict], batch_size: int, pad_id: int) -> l
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        tok_loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=-100, reduction="none").view(shift_labels.shape)
-        valid = (shift_labels != -100).float()
-        per = (tok_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-        losses += per.tolist()
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        shift_labels = labels[:, 1:].to(device)
+        where = shift_labels != -100
+        row = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(shift_labels)
+        yield logits[:, :-1][where].float(), shift_labels[where], row[where]
+
+
+def per_record_mean(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:
+    """Means of `values` ([tokens] or [tokens, k]) per record index in `row`: each record weighs the same."""
+    sums = torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device).index_add_(0, row, values)
+    counts = torch.bincount(row, minlength=n).clamp(min=1).to(values.dtype)
+    return sums / (counts.view(-1, *([1] * (values.dim() - 1))))
+
+
+def answer_losses(model, records: list[dict], batch_size: int, pad_id: int) -> list[float]:
+    """Mean cross-entropy per record over its labelled (assistant) tokens only."""
+    losses: list[float] = []
+    for start, (logits, tokens, row) in zip(range(0, len(records), batch_size),
+                                            answer_token_logits(model, records, batch_size, pad_id)):
+        n = min(batch_size, len(records) - start)
+        tok_loss = torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
+        losses += per_record_mean(tok_loss, row, n).tolist()
     return losses
 
 

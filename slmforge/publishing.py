@@ -70,7 +70,7 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
                metrics_rows: list[dict], summaries: dict[str, dict], primary: str, config: dict,
                fingerprint: str, dataset: str, flow_run: dict | None = None, train: dict | None = None,
                merged: bool = False, revision: str = "main", content_hash: str | None = None,
-               bundled_note: str | None = None) -> str:
+               bundled_note: str | None = None, calibration: dict | None = None) -> str:
     """README.md: Hub metadata (base_model, library_name: peft, licence, datasets, model-index with
     the published model's metrics), the before/after tables, how to load it, the training config, the data
     fingerprint and the Prefect flow run it came from."""
@@ -127,10 +127,16 @@ model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged"{rev_ar
                                              device_map="auto", dtype="auto")
 ```
 """ if merged else ""
+    calibration_note = (
+        f"\nThe adapter also carries the base's final norm (`{calibration['module']}`, in `modules_to_save`) "
+        f"scaled so that every logit is divided by a temperature of {calibration['temperature']:g}, fitted on "
+        f"{calibration['records']} validation answers (answer loss there {calibration['loss_at_1']:.3f} -> "
+        f"{calibration['loss_near_t']:.3f}): greedy answers are those of the trained adapter; the probabilities "
+        "are calibrated. The metrics below are of this adapter, merged.\n") if calibration else ""
     body = f"""# {repo}
 
 A LoRA adapter for `{base_ref}`, fine-tuned with QLoRA by the slmforge finetune pipeline.
-{f"{chr(10)}{bundled_note}{chr(10)}" if bundled_note else ""}
+{f"{chr(10)}{bundled_note}{chr(10)}" if bundled_note else ""}{calibration_note}
 ## Evaluation (held-out split, greedy decoding)
 
 {markdown_table(metrics_rows)}

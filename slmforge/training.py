@@ -253,7 +253,7 @@ def train(
     grad_accum = grad_accum or cfg.grad_accum
 
     # data
-    train_ds, eval_ds = to_datasets(train_records, eval_records)
+    train_ds, eval_ds = to_datasets(train_records, eval_records if cfg.evaluate_each_epoch else None)
     pack_length, per_step = batch_plan(train_records, cfg.packing, micro_batch, grad_accum, max_length)
     # model
     if keep_4bit_unpacked(model):  # the trainer's own evaluations must not repack it either

@@ -19,6 +19,7 @@ from slmforge import report as R
 from slmforge.config import EvalConfig, ModelConfig, StorageConfig
 from slmforge.records import read_jsonl
 from slmforge.evaluation import evaluate_model
+from slmforge.calibration import describe as describe_calibration
 from slmforge.merging import describe_check, load_trained
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
@@ -99,6 +100,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
         "merge": merged.get("merge"),
         "merge_check": merged.get("merge_check"),
         "train": adapter.get("train"),
+        "calibration": adapter.get("calibration"),
         "versions": versions(),
         "hardware": hardware(),
     }
@@ -118,8 +120,10 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
         f"Model `{report['model']['location']}`; data `{report['dataset']['source']}` "
         f"(fingerprint `{report['dataset']['fingerprint']}`); "
         f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
-        "Models: `base` before fine-tuning; `trained`, the adapter on the 4-bit base (what training produced); "
-        "`published`, the merged model that is published and that the gate judges.",
+        "Models: `base` before fine-tuning; `trained`, the adapter on the 4-bit base (what training produced, "
+        "with its calibrated temperature); `published`, the merged model that is published and that the gate judges.",
+        *([f"Calibration: {describe_calibration(report['calibration'])}; folded into the adapter's "
+           f"`{report['calibration']['module']}`."] if report.get("calibration") else []),
         "## Before / after (held-out split)", R.markdown_table(table),
         *([f"## Published model against the trained model\n\nMerged into the "
            f"{(report.get('merge') or {}).get('into', '?')} base, saved in {(report.get('merge') or {}).get('dtype', '?')} "

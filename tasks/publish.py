@@ -136,7 +136,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
             metrics_rows=evaluation["table"], summaries=summary, primary=primary,
             config=P.redact(cfg.model_dump(mode="json", exclude={"storage"}), secrets),
             fingerprint=dataset["fingerprint"], dataset=dataset["source"], flow_run=run_info,
-            train=adapter.get("train"), merged=pub.push_merged, revision=pub.revision, content_hash=h,
+            train=adapter.get("train"), calibration=adapter.get("calibration"), merged=pub.push_merged, revision=pub.revision, content_hash=h,
             bundled_note=(f"Trained from slmforge's bundled GGUF build of `{base_id}` (`{cfg.model.source}`, "
                           f"dequantized), so results with the original weights may differ slightly."
                           if src.get("kind") == "gguf" and base_id else None))

@@ -40,6 +40,9 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     report = json.loads((store.get_dir(out["report"].split("store/", 1)[1]) / "report.json").read_text())
     assert set(report["summary"]) == {"base", "trained", "published"}
     assert {"taught", "unseen"} <= set(report["summary"]["base"]["by_part"])
+    # the calibrated adapter (fitted on the validation split) is what is merged, evaluated and published
+    assert out["adapter"].split("store/", 1)[1].startswith("calibrated/"), out["adapter"]
+    assert report["calibration"]["records"] > 0 and report["calibration"]["module"] == "model.norm"
     check = report["merge_check"]
     assert check["compared_with"].startswith("trained") and check["within_tolerance"], check
     assert check["max_logit_diff"] <= check["max_logit_diff_tolerance"]
@@ -77,7 +80,7 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
             return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
     states = asyncio.run(task_states(second.state_details.flow_run_id))
-    stages = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
+    stages = ["prepare_dataset", "load_base_model", "train_qlora", "calibrate", "merge_adapter", "evaluate", "publish"]
     assert all(states[s] == "Cached" for s in stages), states
     assert second.result() == out
 

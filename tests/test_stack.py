@@ -29,7 +29,7 @@ from deployments.stack import StackSettings, alive, port_open, process_tree, run
 
 e2e = pytest.mark.e2e
 
-STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "merge_adapter", "evaluate", "publish"]
+STAGES = ["prepare_dataset", "load_base_model", "train_qlora", "calibrate", "merge_adapter", "evaluate", "publish"]
 RUN_TIMEOUT = 420
 WORKERS = 2  # gpu workers of the shared stack: the fan-out test needs two
 

@@ -197,7 +197,8 @@ def test_training_unpacks_the_4bit_base_and_keeps_it_unpacked(tiny_model_dir, tm
         layer.support_avx512bf16_for_cpu = True
     _pack_for_cpu(first)
     assert M.is_4bit_packed(model)
-    cfg = TrainConfig(max_steps=4, batch_size=8, learning_rate=3e-3, warmup_steps=0)  # 2 epochs: one eval between
+    cfg = TrainConfig(max_steps=4, batch_size=8, learning_rate=3e-3, warmup_steps=0,  # 2 epochs: one eval between
+                      evaluate_each_epoch=True)
     peft_model, result = T.train(model, tok, recs, recs[:4], LoraSettings(dropout=0.0), cfg, tmp_path / "out")
     assert result.steps == 4 and any("eval_loss" in h for h in result.loss_curve)
     assert not M.is_4bit_packed(peft_model)

@@ -1,0 +1,68 @@
+"""Stage 3b: temperature scaling. Fit one T on the validation split's answers with the trained model
+(the adapter on the 4-bit base) and fold it into a copy of the adapter; the merge, the evaluation
+and the Hub push then all use that adapter (`slmforge/calibration.py` says why)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from slmforge import calibration as C
+from slmforge import fingerprint as code_version
+from slmforge import modeling as M
+from slmforge.config import CalibrateConfig, EvalConfig, ModelConfig, StorageConfig
+from slmforge.merging import load_trained
+from slmforge.records import read_jsonl
+from slmforge.runtime import for_config
+from slmforge.storage import ArtifactStore, content_hash
+from tasks.caching import STAGE_CACHE
+from tasks.gpu import gpu_slot
+from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_transient
+
+
+def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConfig, eval_cfg: EvalConfig,
+                    store: ArtifactStore, log=print, model_cfg: ModelConfig = ModelConfig()) -> dict:
+    """The calibrated adapter's record (`calibrated/<key>`, with the trained adapter's metadata and
+    `calibration`), or the trained adapter's own record when calibration is off or has no data."""
+    if not cfg.enabled:
+        log("calibrate.enabled=false: the adapter is merged and published as trained")
+        return adapter
+    records = read_jsonl(store.get_dir(dataset["key"]) / "validation.jsonl")[:cfg.items]
+    if not records:
+        log("no validation split: no temperature fitted; the adapter is merged and published as trained")
+        return adapter
+    # the batch decides the padding, and so the last bits of the fitted T
+    key = f"calibrated/{content_hash([adapter['key'], base['quantized']['key'], dataset['key'], cfg.model_dump(), eval_cfg.batch_size, model_cfg.model_dump(), code_version.fingerprint()])}"
+    if not store.exists(key):
+        adapter_dir = store.get_dir(adapter["key"])
+        rt = for_config(model_cfg)
+        model = load_trained(store.get_dir(base["quantized"]["key"]), adapter_dir, rt)
+        try:
+            fit = C.fit_temperature(model, records, eval_cfg.batch_size, M.load_tokenizer(adapter_dir).pad_token_id)
+            folded = C.fold_temperature(model, fit["temperature"], records[0]["input_ids"])
+        finally:
+            del model
+            M.free_memory()
+        staging = store.staging_dir(key)
+        C.write_calibrated_adapter(adapter_dir, staging, folded)
+        meta = {k: v for k, v in adapter.items() if k not in ("key", "uri")}
+        meta.update(trained_adapter=adapter["key"],
+                    calibration={**fit, "module": folded["module"], "form": folded["form"]})
+        store.commit_dir(staging, key, meta=meta)
+    meta = store.manifest(key)["meta"]
+    log(f"{C.describe(meta['calibration'])}; calibrated adapter: {store.uri(key)}")
+    return {"key": key, "uri": store.uri(key), **meta}
+
+
+@task(name="calibrate", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", **gpu_retry())
+def calibrate(adapter: dict, base: dict, dataset: dict, model: ModelConfig, calibrate: CalibrateConfig,
+              eval: EvalConfig, storage: StorageConfig) -> dict:
+    try:
+        with gpu_slot(), crash_on_device_error():
+            return run_calibration(adapter, base, dataset, calibrate, eval, ArtifactStore.from_config(storage),
+                                   get_run_logger().info, model)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        failure = fresh_failure(exc)  # raised below, outside this block: the failed attempt's model is freed
+    M.free_memory()
+    raise failure

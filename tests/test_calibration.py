@@ -1,0 +1,137 @@
+"""Temperature scaling: the fitted T minimises the validation answers' loss, folding it into the
+weights divides every logit by T (greedy answers unchanged), and the calibrated adapter computes
+the same function reloaded by peft and merged."""
+
+import pytest
+import torch
+
+from slmforge import calibration as C
+from slmforge import modeling as M
+from slmforge.evaluation import answer_losses, generate_answers
+from slmforge.records import encode_example, generation_prompt_ids
+
+QA = [("한국의 수도는?", "서울입니다."), ("일본의 수도는?", "도쿄입니다."), ("3 더하기 4는?", "7입니다."),
+      ("프랑스의 수도는?", "파리입니다."), ("물의 끓는점은?", "섭씨 100도입니다."), ("태양계에서 가장 큰 행성은?", "목성입니다.")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return M.load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def records(tokenizer):
+    out = []
+    for q, a in QA:
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        ids, labels = encode_example(tokenizer, msgs)
+        out.append({"input_ids": ids, "labels": labels, "prompt_ids": generation_prompt_ids(tokenizer, msgs[:1])})
+    return out
+
+
+def _loss(model, records, tokenizer) -> float:
+    losses = answer_losses(model, records, 4, tokenizer.pad_token_id)
+    return sum(losses) / len(losses)
+
+
+def _model(tiny_model_dir, logit_scale: float):
+    """The tiny model with its logits multiplied by `logit_scale` (its final norm scaled)."""
+    model = M.load_model(tiny_model_dir, "fp32").eval()
+    model.model.norm.weight.data *= logit_scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def drawn_at_2(tiny_model_dir, records, tokenizer):
+    """Answers sampled from the (4x sharpened) tiny model at temperature 2: the T that fits them best is 2."""
+    model = _model(tiny_model_dir, 4.0)
+    torch.manual_seed(0)
+    out = []
+    for rec in records * 8:
+        prompt = torch.tensor([rec["prompt_ids"]])
+        ids = model.generate(prompt, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, max_new_tokens=16,
+                             min_new_tokens=16, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+        n = len(rec["prompt_ids"])
+        out.append({"input_ids": ids, "labels": [-100] * n + ids[n:], "prompt_ids": rec["prompt_ids"]})
+    return out
+
+
+def test_the_fitted_temperature_is_the_one_the_answers_were_drawn_at(tiny_model_dir, drawn_at_2, tokenizer):
+    pad = tokenizer.pad_token_id
+    fit = C.fit_temperature(_model(tiny_model_dir, 4.0), drawn_at_2, 4, pad)
+    assert fit["temperature"] == pytest.approx(2.0, rel=0.1), fit
+    # a model 1.5 times as sure of the same predictions needs 1.5 times the temperature
+    sharper = C.fit_temperature(_model(tiny_model_dir, 6.0), drawn_at_2, 4, pad)
+    assert sharper["temperature"] == pytest.approx(1.5 * fit["temperature"], rel=0.02), (fit, sharper)
+
+    model = _model(tiny_model_dir, 4.0)
+    before_answers = generate_answers(model, tokenizer, drawn_at_2[:6], 8, 4)
+    C.fold_temperature(model, fit["temperature"], drawn_at_2[0]["input_ids"])
+    at_t = _loss(model, drawn_at_2, tokenizer)
+    assert at_t < fit["loss_at_1"] - 0.1
+    assert at_t == pytest.approx(fit["loss_near_t"], abs=0.02)
+    for factor in (1.15, 1 / 1.15):  # either side of the fitted T the loss is higher
+        other = _model(tiny_model_dir, 4.0)
+        C.fold_temperature(other, fit["temperature"] * factor, drawn_at_2[0]["input_ids"])
+        assert _loss(other, drawn_at_2, tokenizer) > at_t
+    assert generate_answers(model, tokenizer, drawn_at_2[:6], 8, 4) == before_answers
+
+
+def test_folding_divides_every_logit_by_t(tiny_model_dir, records):
+    model = _model(tiny_model_dir, 1.0)
+    ids = torch.tensor([records[1]["input_ids"]])
+    before = model(input_ids=ids).logits
+    folded = C.fold_temperature(model, 1.7, records[0]["input_ids"])
+    assert folded["module"] == "model.norm" and folded["form"] == "weight / T"
+    torch.testing.assert_close(model(input_ids=ids).logits * 1.7, before, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_norm_is_scaled_through_one_plus_its_weight(smollm_tokenizer_dir, records):
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           initializer_range=0.2)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.model.norm.weight.data.normal_(0, 0.3)  # Gemma's norm computes x * (1 + weight); zeros would hide it
+    ids = torch.tensor([records[1]["input_ids"]])
+    before = model(input_ids=ids).logits
+    folded = C.fold_temperature(model, 2.0, records[0]["input_ids"])
+    assert folded["form"] == "(1 + weight) / T - 1"
+    torch.testing.assert_close(model(input_ids=ids).logits * 2.0, before, rtol=1e-4, atol=1e-4)
+
+
+def test_soft_capped_logits_are_refused_and_the_model_left_as_it_was(tiny_model_dir, records):
+    model = _model(tiny_model_dir, 1.0)
+    model.config.final_logit_softcapping = 30.0
+    weight = model.model.norm.weight.detach().clone()
+    with pytest.raises(C.CalibrationError, match="soft-caps"):
+        C.fold_temperature(model, 1.5, records[0]["input_ids"])
+    assert torch.equal(model.model.norm.weight, weight)
+
+
+def test_the_calibrated_adapter_reloads_and_merges_to_the_same_function(tiny_model_dir, records, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    trained = get_peft_model(M.load_model(tiny_model_dir, "fp32"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "adapter")
+    trained.eval()
+    ids = torch.tensor([records[2]["input_ids"]])
+    reference = trained(input_ids=ids).logits
+    folded = C.fold_temperature(trained, 1.3, records[0]["input_ids"])
+    C.write_calibrated_adapter(tmp_path / "adapter", tmp_path / "calibrated", folded)
+
+    reloaded = PeftModel.from_pretrained(M.load_model(tiny_model_dir, "fp32"), str(tmp_path / "calibrated")).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
+    # the scaled norm is the adapter's (peft's modules_to_save), not written over the base's own norm
+    base_logits = M.load_model(tiny_model_dir, "fp32")(input_ids=ids).logits
+    with reloaded.disable_adapter():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, base_logits, rtol=1e-4, atol=1e-4)
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
+    # the base itself is untouched: the scaled norm lives in the adapter
+    plain = PeftModel.from_pretrained(M.load_model(tiny_model_dir, "fp32"), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(plain(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
