@@ -15,8 +15,7 @@ from slmforge.records import read_jsonl
 from slmforge.runtime import for_config
 from slmforge.storage import ArtifactStore, content_hash
 from tasks.caching import STAGE_CACHE
-from tasks.gpu import gpu_slot
-from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_transient
+from tasks.retry import gpu_retry, run_gpu_stage
 
 
 def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConfig, eval_cfg: EvalConfig,
@@ -56,13 +55,5 @@ def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConf
 @task(name="calibrate", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", **gpu_retry())
 def calibrate(adapter: dict, base: dict, dataset: dict, model: ModelConfig, calibrate: CalibrateConfig,
               eval: EvalConfig, storage: StorageConfig) -> dict:
-    try:
-        with gpu_slot(), crash_on_device_error():
-            return run_calibration(adapter, base, dataset, calibrate, eval, ArtifactStore.from_config(storage),
-                                   get_run_logger().info, model)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        failure = fresh_failure(exc)  # raised below, outside this block: the failed attempt's model is freed
-    M.free_memory()
-    raise failure
+    return run_gpu_stage(run_calibration, adapter, base, dataset, calibrate, eval, ArtifactStore.from_config(storage),
+                         get_run_logger().info, model)

@@ -23,9 +23,8 @@ from slmforge.calibration import describe as describe_calibration
 from slmforge.merging import describe_check, load_trained
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
-from tasks.gpu import gpu_slot
 from tasks import faults
-from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_transient
+from tasks.retry import gpu_retry, run_gpu_stage
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -146,17 +145,7 @@ def evaluate(dataset: dict, base: dict, merged: dict, adapter: dict, model: Mode
              storage: StorageConfig, run_config: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    failure = None
-    try:
-        with gpu_slot(), crash_on_device_error():
-            record = run_evaluation(dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        failure = fresh_failure(exc)  # raised below, outside this block: the failed attempt's models are freed
-    if failure is not None:
-        M.free_memory()
-        raise failure
+    record = run_gpu_stage(run_evaluation, dataset, base, merged, adapter, eval, store, logger.info, run_config, model)
     create_table_artifact(key="before-after", table=record["table"], description="Held-out metrics: base, trained (adapter on 4-bit), published (merged)")
     create_table_artifact(key="samples", table=record["samples"], description="Side-by-side answers")
     create_markdown_artifact(key="finetune-report", markdown=(

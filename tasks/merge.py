@@ -16,9 +16,8 @@ from slmforge.config import EvalConfig, MergeConfig, ModelConfig, StorageConfig
 from slmforge.records import read_jsonl
 from slmforge.runtime import for_config
 from tasks.caching import STAGE_CACHE
-from tasks.gpu import gpu_slot
 from tasks import faults
-from tasks.retry import crash_on_device_error, fresh_failure, gpu_retry, is_transient
+from tasks.retry import gpu_retry, run_gpu_stage
 from slmforge.storage import ArtifactStore, content_hash
 
 
@@ -72,13 +71,5 @@ def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_c
       **gpu_retry())
 def merge_adapter(adapter: dict, base: dict, dataset: dict, model: ModelConfig, merge: MergeConfig,
                   eval: EvalConfig, storage: StorageConfig) -> dict:
-    try:
-        with gpu_slot(), crash_on_device_error():
-            return run_merge(adapter, base, dataset, merge, eval, ArtifactStore.from_config(storage),
-                             get_run_logger().info, model)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        failure = fresh_failure(exc)  # raised below, outside this block: the failed attempt's models are freed
-    M.free_memory()
-    raise failure
+    return run_gpu_stage(run_merge, adapter, base, dataset, merge, eval, ArtifactStore.from_config(storage),
+                         get_run_logger().info, model)

@@ -117,6 +117,23 @@ def crash_on_device_error():
             "the crash re-run starts the run again in a fresh one") from exc
 
 
+def run_gpu_stage(body, *args, **kwargs):
+    """A GPU stage's body, holding the GPU slot. A transient failure leaves as `fresh_failure`, raised
+    after the `except` block and `free_memory()`, so the retry in this process has the memory back."""
+    from slmforge.modeling import free_memory
+    from tasks.gpu import gpu_slot
+
+    try:
+        with gpu_slot(), crash_on_device_error():
+            return body(*args, **kwargs)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        failure = fresh_failure(exc)
+    free_memory()
+    raise failure
+
+
 def gpu_retry(retries: int = 2) -> dict:
     return {
         "retries": retries,

@@ -162,3 +162,31 @@ def test_a_retried_failure_is_replaced_by_one_that_holds_nothing_of_the_attempt(
     assert isinstance(gone, StoreError) and gone.transient
     other = ValueError("bad")
     assert fresh_failure(other) is other
+
+
+def test_a_gpu_stage_returns_its_value_re_raises_a_transient_fault_fresh_and_others_as_they_are():
+    from tasks.retry import run_gpu_stage
+
+    assert run_gpu_stage(lambda a, b=0: a + b, 1, b=2) == 3
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        run_gpu_stage(oom)
+    assert err.value.__context__ is None  # not the original: its traceback would keep the failed attempt alive
+    frames = []
+    tb = err.value.__traceback__
+    while tb:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "oom" not in frames, frames
+
+    bad = ValueError("a wrong setting")
+
+    def wrong():
+        raise bad
+
+    with pytest.raises(ValueError) as err:
+        run_gpu_stage(wrong)
+    assert err.value is bad
