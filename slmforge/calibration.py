@@ -26,6 +26,7 @@ from slmforge.evaluation import answer_token_logits, per_record_mean
 # T from 0.5 to 4 in steps of 10% (the minimum is then placed between grid points by a parabola in log T)
 GRID = tuple(round(1.1 ** k, 6) for k in range(-7, 15))
 
+
 class CalibrationError(RuntimeError):
     """The model's logits cannot be divided by a constant through its weights (e.g. soft-capped logits)."""
 
@@ -53,6 +54,7 @@ def fit_temperature(model, records: list[dict], batch_size: int, pad_id: int) ->
     return {"temperature": round(temperature, 4), "records": len(records), "loss_at_1": mean[GRID.index(1.0)],
             "loss_near_t": mean[best]}
 
+
 def describe(fit: dict) -> str:
     return (f"temperature {fit['temperature']:g} fitted on {fit['records']} validation answers: answer loss there "
             f"{fit['loss_at_1']:.3f} -> {fit['loss_near_t']:.3f} (greedy answers unchanged)")
@@ -72,16 +74,26 @@ def final_norm(model) -> tuple[str, torch.nn.Module]:
     return next(name for name, m in lm.named_modules() if m is norm), norm
 
 
+def unfoldable(config) -> str | None:
+    """Why no temperature can be folded into a model with this config (checked before anything
+    loads), or None: soft-capped logits are not divided by T when their input is."""
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+        if cap:
+            return (f"calibrate.enabled: the model soft-caps its logits (final_logit_softcapping={cap}): a temperature "
+                    "cannot be folded into its weights; set calibrate.enabled=false")
+    return None
+
+
 @torch.no_grad()
 def fold_temperature(model, temperature: float, probe_ids: list[int]) -> dict:
     """Scale the final norm's output by 1/T in `model` (in place), which divides every logit by T
     when the LM head is a bias-free linear map (tied or not) without soft-capping; checked on
     `probe_ids`. The norm's weight is scaled (RMSNorm, LayerNorm), or 1 + weight for Gemma's norm,
     whose output is x * (1 + weight); a bias is scaled too. Returns the norm's name and new tensors."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "final_logit_softcapping", None):
-        raise CalibrationError("the model soft-caps its logits (final_logit_softcapping): a temperature cannot be "
-                               "folded into its weights; set calibrate.enabled=false")
+    problem = unfoldable(model.config)
+    if problem:
+        raise CalibrationError(problem)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise CalibrationError("the LM head has a bias: scaling the final norm would not divide the logits by T; "

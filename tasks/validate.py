@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import task
 
 from slmforge import modeling as M
+from slmforge.calibration import unfoldable
 from slmforge.config import ConfigError, FinetuneConfig
 from slmforge.lora_targets import check_lora_targets, meta_module_names
 from slmforge.runtime import RuntimeSettingError, for_config, plan_processes
@@ -64,6 +65,8 @@ def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
     if context and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's context of {context} tokens")
     check_lora_targets(cfg.lora, *meta_module_names(config))
+    if cfg.calibrate.enabled and (problem := unfoldable(config)):
+        raise ConfigError(problem)
     if cfg.publish.hub_repo and not hub_token(cfg.publish.token_secret_block):
         raise ConfigError(
             f"publish.hub_repo: {cfg.publish.hub_repo} is set but no Hub token was found "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,6 +88,10 @@ def files(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     f["list_yaml"] = d / "list.yaml"
     f["list_yaml"].write_text("- just\n- a list\n")
     f["tiny"] = tiny_model_dir
+    f["softcapped"] = d / "softcapped"  # Gemma 2's final_logit_softcapping: no temperature folds into it
+    shutil.copytree(tiny_model_dir, f["softcapped"])
+    config = json.loads((f["softcapped"] / "config.json").read_text())
+    (f["softcapped"] / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     return f
 
 
@@ -107,6 +112,7 @@ CASES = [
     ("lora-targets-match-nothing", ["lora.target_modules=[q_proj, zz_proj]"], "lora.target_modules: ['zz_proj']"),
     ("lora-target-not-linear", ["lora.target_modules=[input_layernorm]"], "lora.target_modules"),
     ("modules-to-save-match-nothing", ["lora.modules_to_save=[nonexistent_head]"], "lora.modules_to_save"),
+    ("calibrate-soft-capped-logits", ["model.source={softcapped}"], "calibrate.enabled: the model soft-caps"),
     # store URLs
     ("store-scheme-unsupported", ["storage.url=ftp://host/x"], "storage.url"),
     ("store-s3-without-bucket", ["storage.url=s3://"], "storage.url"),
