@@ -74,14 +74,28 @@ def final_norm(model) -> tuple[str, torch.nn.Module]:
     return next(name for name, m in lm.named_modules() if m is norm), norm
 
 
-def unfoldable(config) -> str | None:
-    """Why no temperature can be folded into a model with this config (checked before anything
-    loads), or None: soft-capped logits are not divided by T when their input is."""
+def unfoldable(config, model=None, modules_to_save: list[str] = ()) -> str | None:
+    """Why no temperature can be folded into this model, or None. Checked in validation on the
+    config and the model built on the meta device (nothing loaded), and again before folding: soft-
+    capped logits and a head with a bias are not divided by T when the norm's output is; the final
+    norm must exist and not be trained already (`lora.modules_to_save`)."""
+    fix = "; set calibrate.enabled=false"
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
         cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
         if cap:
             return (f"calibrate.enabled: the model soft-caps its logits (final_logit_softcapping={cap}): a temperature "
-                    "cannot be folded into its weights; set calibrate.enabled=false")
+                    f"cannot be folded into its weights{fix}")
+    if model is None:
+        return None
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        return f"calibrate.enabled: the model's LM head has a bias: scaling the final norm would not divide the logits by T{fix}"
+    try:
+        name, _ = final_norm(model)
+    except CalibrationError as e:
+        return f"calibrate.enabled: {e}"
+    if any(name == m or name.endswith("." + m) for m in modules_to_save):
+        return f"calibrate.enabled: the final norm {name!r} is trained (lora.modules_to_save){fix}"
     return None
 
 
@@ -91,13 +105,9 @@ def fold_temperature(model, temperature: float, probe_ids: list[int]) -> dict:
     when the LM head is a bias-free linear map (tied or not) without soft-capping; checked on
     `probe_ids`. The norm's weight is scaled (RMSNorm, LayerNorm), or 1 + weight for Gemma's norm,
     whose output is x * (1 + weight); a bias is scaled too. Returns the norm's name and new tensors."""
-    problem = unfoldable(model.config)
+    problem = unfoldable(model.config, model)
     if problem:
         raise CalibrationError(problem)
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise CalibrationError("the LM head has a bias: scaling the final norm would not divide the logits by T; "
-                               "set calibrate.enabled=false")
     name, norm = final_norm(model)
     ids = torch.tensor([probe_ids], device=norm.weight.device)
     before = model(input_ids=ids).logits.float()

@@ -16,9 +16,9 @@ def module_names(model) -> tuple[list[str], list[str]]:
     return names, linear
 
 
-def meta_module_names(config) -> tuple[list[str], list[str]]:
-    """`module_names` of the model a config describes, built on the meta device: no memory, no
-    weights, about a second even for a 7B shape."""
+def meta_model(config):
+    """The model a config describes, built on the meta device: no memory, no weights, about a second
+    even for a 7B shape. What validation checks the settings against before anything loads."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -31,7 +31,12 @@ def meta_module_names(config) -> tuple[list[str], list[str]]:
         arch = getattr(config, "model_type", "?")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelSourceError(f"model.source: architecture {arch!r} cannot be built as a causal LM: {first}") from None
-    return module_names(model)
+    return model
+
+
+def meta_module_names(config) -> tuple[list[str], list[str]]:
+    """`module_names` of the model a config describes (`meta_model`)."""
+    return module_names(meta_model(config))
 
 
 def _matches(target: str, names: list[str]) -> bool:

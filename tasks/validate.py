@@ -11,7 +11,7 @@ from prefect import task
 from slmforge import modeling as M
 from slmforge.calibration import unfoldable
 from slmforge.config import ConfigError, FinetuneConfig
-from slmforge.lora_targets import check_lora_targets, meta_module_names
+from slmforge.lora_targets import check_lora_targets, meta_model, module_names
 from slmforge.runtime import RuntimeSettingError, for_config, plan_processes
 from slmforge.storage import ArtifactStore
 from tasks.secrets import hub_token
@@ -50,8 +50,8 @@ def context_length(config) -> int | None:
 
 def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
     """Store writable (unless the caller `store_checked` it), model source resolvable (config only),
-    max_length within the model's context, LoRA targets present in the model, Hub token present
-    when a Hub repo is set. Raises ConfigError / ModelSourceError / StoreError with the field's name."""
+    max_length within the model's context, LoRA targets present in the model, a temperature foldable
+    into it (when calibrating), Hub token present when a Hub repo is set. Raises ConfigError / ModelSourceError / StoreError with the field's name."""
     try:  # a dtype, attention kernel or process count this hardware (or the batch) cannot run
         for_config(cfg.model, cfg.train)
         plan_processes(cfg.train)
@@ -64,8 +64,9 @@ def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
     context = context_length(config)
     if context and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's context of {context} tokens")
-    check_lora_targets(cfg.lora, *meta_module_names(config))
-    if cfg.calibrate.enabled and (problem := unfoldable(config)):
+    meta = meta_model(config)
+    check_lora_targets(cfg.lora, *module_names(meta))
+    if cfg.calibrate.enabled and (problem := unfoldable(config, meta, cfg.lora.modules_to_save)):
         raise ConfigError(problem)
     if cfg.publish.hub_repo and not hub_token(cfg.publish.token_secret_block):
         raise ConfigError(

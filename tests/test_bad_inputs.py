@@ -92,6 +92,11 @@ def files(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     shutil.copytree(tiny_model_dir, f["softcapped"])
     config = json.loads((f["softcapped"] / "config.json").read_text())
     (f["softcapped"] / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    f["head_bias"] = d / "head_bias"  # Phi's LM head has a bias: scaling the norm does not divide the logits
+    shutil.copytree(tiny_model_dir, f["head_bias"])
+    phi = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id")}
+    (f["head_bias"] / "config.json").write_text(json.dumps({**phi, "model_type": "phi", "architectures": ["PhiForCausalLM"]}))
     return f
 
 
@@ -113,6 +118,8 @@ CASES = [
     ("lora-target-not-linear", ["lora.target_modules=[input_layernorm]"], "lora.target_modules"),
     ("modules-to-save-match-nothing", ["lora.modules_to_save=[nonexistent_head]"], "lora.modules_to_save"),
     ("calibrate-soft-capped-logits", ["model.source={softcapped}"], "calibrate.enabled: the model soft-caps"),
+    ("calibrate-head-with-bias", ["model.source={head_bias}"], "calibrate.enabled: the model's LM head has a bias"),
+    ("calibrate-norm-trained", ["lora.modules_to_save=[norm]"], "calibrate.enabled: the final norm 'model.norm'"),
     # store URLs
     ("store-scheme-unsupported", ["storage.url=ftp://host/x"], "storage.url"),
     ("store-s3-without-bucket", ["storage.url=s3://"], "storage.url"),
