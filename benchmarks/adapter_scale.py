@@ -17,30 +17,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stored_adapter beside this file
 
-from slmforge import modeling as M  # noqa: E402
+import stored_adapter  # noqa: E402
 from slmforge.evaluation import evaluate_model  # noqa: E402
-from slmforge.records import read_jsonl  # noqa: E402
-from slmforge.runtime import decide  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scales", nargs="+", type=float, help="multipliers of the adapter's scale")
-    ap.add_argument("--store", type=Path, default=Path(".slmforge/store"))
-    ap.add_argument("--dataset", required=True, help="store key of the prepared dataset (datasets/...)")
-    ap.add_argument("--quantized", required=True, help="store key of the quantized base (models/quantized/...)")
-    ap.add_argument("--adapter", required=True, help="store key of the trained adapter (adapters/...)")
+    stored_adapter.add_arguments(ap)
     args = ap.parse_args()
 
-    from peft import PeftModel
     from peft.helpers import rescale_adapter_scale
 
-    test = read_jsonl(args.store / args.dataset / "test.jsonl")
-    model = M.load_model(args.store / args.quantized, "saved", decide())
-    tokenizer = M.load_tokenizer(args.store / args.quantized)
-    model = PeftModel.from_pretrained(model, str(args.store / args.adapter)).eval()
+    model, tokenizer, split = stored_adapter.load(args)
+    test = split("test")
     for m in args.scales:
         t0 = time.perf_counter()
         with rescale_adapter_scale(model, m):

@@ -15,14 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stored_adapter beside this file
 
+import stored_adapter  # noqa: E402
 from slmforge import calibration as C  # noqa: E402
-from slmforge import modeling as M  # noqa: E402
 from slmforge.evaluation import answer_losses  # noqa: E402
-from slmforge.merging import load_trained  # noqa: E402
-from slmforge.records import read_jsonl  # noqa: E402
-from slmforge.runtime import decide  # noqa: E402
 
 
 def mean(xs: list[float]) -> float:
@@ -32,16 +29,11 @@ def mean(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("temperatures", nargs="+", type=float)
-    ap.add_argument("--store", type=Path, default=Path(".slmforge/store"))
-    ap.add_argument("--dataset", required=True, help="store key of the prepared dataset (datasets/...)")
-    ap.add_argument("--quantized", required=True, help="store key of the quantized base (models/quantized/...)")
-    ap.add_argument("--adapter", required=True, help="store key of the trained adapter (adapters/...)")
+    stored_adapter.add_arguments(ap)
     args = ap.parse_args()
 
-    validation = read_jsonl(args.store / args.dataset / "validation.jsonl")
-    test = read_jsonl(args.store / args.dataset / "test.jsonl")
-    pad = M.load_tokenizer(args.store / args.adapter).pad_token_id
-    model = load_trained(args.store / args.quantized, args.store / args.adapter, decide())
+    model, tokenizer, split = stored_adapter.load(args)
+    validation, test, pad = split("validation"), split("test"), tokenizer.pad_token_id
     print(C.describe(C.fit_temperature(model, validation, 16, pad)), flush=True)
     folded = 1.0
     for t in args.temperatures:
