@@ -51,7 +51,8 @@ def context_length(config) -> int | None:
 def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
     """Store writable (unless the caller `store_checked` it), model source resolvable (config only),
     max_length within the model's context, LoRA targets present in the model, a temperature foldable
-    into it (when calibrating), Hub token present when a Hub repo is set. Raises ConfigError / ModelSourceError / StoreError with the field's name."""
+    into it (when calibrating), Hub token present when a Hub repo is set. Raises ConfigError /
+    ModelSourceError / StoreError with the field's name."""
     try:  # a dtype, attention kernel or process count this hardware (or the batch) cannot run
         for_config(cfg.model, cfg.train)
         plan_processes(cfg.train)
