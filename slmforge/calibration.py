@@ -60,12 +60,17 @@ def describe(fit: dict) -> str:
             f"{fit['loss_at_1']:.3f} -> {fit['loss_near_t']:.3f} (greedy answers unchanged)")
 
 
+# what the decoder calls its last norm: Llama, Qwen, Mistral, Gemma, SmolLM2 / Phi / OPT, GPT-NeoX
+# (Pythia) / GPT-2, Falcon
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+
+
 def final_norm(model) -> tuple[str, torch.nn.Module]:
     """The norm right before the LM head: its name inside the causal-LM model (`model.norm` for
-    Llama, Qwen, Gemma, SmolLM2) and the module. `model` may be a peft model."""
+    Llama, Qwen, Gemma, SmolLM2; `transformer.ln_f` for GPT-2) and the module. `model` may be a peft model."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = lm.get_decoder()
-    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+    norm = next((m for m in (getattr(decoder, n, None) for n in FINAL_NORM_NAMES) if m is not None), None)
     if norm is None or getattr(norm, "weight", None) is None:
         raise CalibrationError(f"{type(lm).__name__}: no final norm with a weight to fold a temperature into; "
                                "set calibrate.enabled=false")

@@ -135,3 +135,67 @@ def test_the_calibrated_adapter_reloads_and_merges_to_the_same_function(tiny_mod
     # the base itself is untouched: the scaled norm lives in the adapter
     plain = PeftModel.from_pretrained(M.load_model(tiny_model_dir, "fp32"), str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(plain(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def _tiny(arch: str, **extra):
+    """A random 2-layer model of another architecture (vocabulary of 1000; ids below it)."""
+    import transformers as T
+
+    ids = {"bos_token_id": 0, "eos_token_id": 0}
+    configs = {
+        "gpt2": lambda: T.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, **ids),
+        "opt": lambda: T.OPTConfig(**{"vocab_size": 1000, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                                      "num_attention_heads": 4, "word_embed_proj_dim": 64, "pad_token_id": 0,
+                                      **ids, **extra}),
+        "falcon": lambda: T.FalconConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids),
+        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, **ids),
+    }
+    torch.manual_seed(0)
+    config = configs[arch]()
+    return config, T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch,norm", [("gpt2", "transformer.ln_f"), ("opt", "model.decoder.final_layer_norm"),
+                                       ("falcon", "transformer.ln_f"), ("gpt_neox", "gpt_neox.final_layer_norm")])
+def test_other_architectures_final_layernorm_and_its_bias_are_scaled(arch, norm):
+    from slmforge.lora_targets import meta_model
+
+    config, model = _tiny(arch)
+    assert C.unfoldable(config, meta_model(config)) is None  # validation lets it through
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    folded = C.fold_temperature(model, 1.7, [1, 2, 3, 4])
+    assert folded["module"] == norm and set(folded["tensors"]) == {f"{norm}.weight", f"{norm}.bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits * 1.7, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_a_final_norm_is_refused_in_validation():
+    from slmforge.lora_targets import meta_model
+
+    config, _ = _tiny("opt", do_layer_norm_before=False, word_embed_proj_dim=32)  # OPT-350m's shape: no final norm
+    assert "no final norm" in C.unfoldable(config, meta_model(config))
+
+
+def test_a_calibrated_gpt2_adapter_reloads_and_merges_with_the_norms_bias(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def base():
+        return _tiny("gpt2")[1]
+
+    trained = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "adapter")
+    trained.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        reference = trained(input_ids=ids).logits
+    folded = C.fold_temperature(trained, 1.3, [1, 2, 3, 4])
+    C.write_calibrated_adapter(tmp_path / "adapter", tmp_path / "calibrated", folded)
+    reloaded = PeftModel.from_pretrained(base(), str(tmp_path / "calibrated")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
