@@ -164,7 +164,9 @@ class CalibrateConfig(_Section):
     enabled: bool = Field(
         True, description="Fit one softmax temperature T on the validation split's answers and fold it into the "
         "adapter (its final norm), so every logit is divided by T: greedy answers do not change, the answer loss "
-        "on facts the model was not taught falls. Skipped when there is no validation split.")
+        "on facts the model was not taught falls. Skipped when there is no validation split. A model whose logits "
+        "cannot be divided through its final norm (soft-capped logits, an LM head with a bias, no final norm) is "
+        "refused before anything loads: set false for it.")
     items: int = Field(256, ge=1, description="At most this many validation answers to fit T on (one forward pass).")
 
 
