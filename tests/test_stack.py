@@ -500,12 +500,13 @@ def test_compare_runs_one_model_on_each_worker_and_writes_one_report(stack, tiny
     gpu pool; with two gpu workers each measures one model at the same time, and the comparison
     collects both rows into one report in the bucket.
 
-    Workers poll (every 2 s here): one that misses the window while the other is busy leaves both
-    runs to the other, one after the other. That happened once in CI (cause not found: no logs were
-    kept), so the test first waits for both workers to be idle, and a comparison that went to one
-    worker, or whose runs did not overlap, is tried once more, with the first try's logs in the
-    message if that fails too. A fan-out that never spreads (runs started one after the other, a
-    pool limit of 1) fails both."""
+    Workers poll (every 2 s here), and the comparison creates its model runs a few seconds apart:
+    when a model run is shorter than that, the worker that finished the first can take the second
+    too. That happened once in CI with runs of 4-5 s. So the runs here decode for about 10 s more
+    (they overlapped by 4 s on this machine), the test first waits for both workers to be idle,
+    and a comparison that went to one worker, or whose runs did not overlap, is tried once more,
+    with the first try's logs in the message if that fails too. A fan-out that never spreads (runs
+    started one after the other, a pool limit of 1) fails both tries."""
     import shutil
 
     second = tmp_path / "tiny-llama-copy"
@@ -513,7 +514,9 @@ def test_compare_runs_one_model_on_each_worker_and_writes_one_report(stack, tiny
     cfg = {"models": [str(tiny_model_dir), str(second)], "modes": ["bf16"], "threads": 1,
            "prompts": ["What is 2+2?"], "answer_max_new_tokens": 4,
            "eval": {"items": 2, "max_new_tokens": 4, "batch_size": 2},
-           "speed": {"batch_sizes": [1], "new_tokens": 2, "runs": 1, "warmup": 0},
+           # about 10 s of decoding in each model run, so the two overlap by more than the seconds
+           # between their creation (2-5 s on 2 busy cores) and the workers' polls (2 s)
+           "speed": {"batch_sizes": [1], "new_tokens": 250, "runs": 6, "warmup": 0},
            "storage": {"endpoint_url": stack.s3_endpoint}}
     tries = []
     for attempt in range(2):
