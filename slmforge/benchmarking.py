@@ -226,8 +226,11 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
                     batch_sizes: Sequence[int], runs: int, warmup: int, answer_max_new_tokens: int,
                     rt: Runtime, seed: int = 0,
                     reraise: Callable[[BaseException], bool] = lambda e: False,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, adapter_dir: str | Path | None = None) -> dict:
     """Everything the comparison reports for one model × mode, as a JSON-able dict.
+
+    `adapter_dir`: a LoRA adapter to run, unmerged, on `model_dir`, a checkpoint saved in 4-bit
+    (mode "4bit"): a QLoRA model as trained. Its footprint and estimate include the adapter.
 
     A load failure raises. A failure in a later phase (speed, quality, answers) is recorded in
     `errors` and the other phases still run, unless `reraise(exc)` says it is worth a retry
@@ -242,6 +245,8 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
     quant = {"bf16": ("bf16", True), "fp32": ("fp32", True), "8bit": ("8bit", True), "4bit": ("4bit", True),
              "4bit-nodq": ("4bit", False)}
     load_mode, double_quant = quant[mode]
+    if adapter_dir is not None and mode != "4bit":
+        raise ValueError(f"an adapter is measured on its saved 4-bit base (mode 4bit), not in {mode}")
     row: dict = {"mode": mode, "errors": []}
     model = None
     preload_code(model_dir, load_mode in ("8bit", "4bit"))
@@ -252,13 +257,25 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
             t0 = time.perf_counter()
             # inference only: bitsandbytes' AVX512-bf16 kernel where the CPU has it (about 2x the
             # unpacked path's generation speed on such a CPU), as a user of 4-bit inference gets it
-            model = M.load_model(Path(model_dir), load_mode, rt, double_quant=double_quant, cpu_fast_path=True)
-            tokenizer = M.load_tokenizer(Path(model_dir))
+            if adapter_dir is None:
+                model = M.load_model(Path(model_dir), load_mode, rt, double_quant=double_quant, cpu_fast_path=True)
+                tokenizer = M.load_tokenizer(Path(model_dir))
+            else:
+                from peft import PeftModel
+
+                base = M.load_model(Path(model_dir), "saved", rt, cpu_fast_path=True)
+                double_quant = bool(getattr(base.config.quantization_config, "bnb_4bit_use_double_quant", True))
+                model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+                tokenizer = M.load_tokenizer(Path(adapter_dir))
             row["load_s"] = time.perf_counter() - t0
             row["peak_load_bytes"] = mem.mark("load")
             row["footprint_bytes"] = int(model.get_memory_footprint())
             row["estimated_bytes"] = estimated_footprint(model.config, load_mode, double_quant)
-            row["n_params"] = count_parameters(model)
+            # what the adapter adds (exact, from its weights); the parameter count is the base's
+            extra = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+            if extra and row["estimated_bytes"] is not None:
+                row["estimated_bytes"] += sum(p.numel() * p.element_size() for p in extra)
+            row["n_params"] = count_parameters(model) - sum(p.numel() for p in extra)
             row["attn_implementation"] = attention_implementation(model)
             row["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
             row["device"] = str(next(model.parameters()).device)

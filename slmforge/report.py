@@ -160,10 +160,15 @@ def _with_spread(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{s['median'] * scale:.{digits}f} ±{s['spread'] * scale:.{digits}f}"
 
 
-CSV_FIELDS = ["model", "mode", "status", "error", "source", "n_params", "dtype", "device", "attn_implementation",
+CSV_FIELDS = ["model", "mode", "adapter", "status", "error", "source", "n_params", "dtype", "device", "attn_implementation",
               "load_s", "footprint_mb", "estimated_mb", "peak_load_mb", "peak_gen_mb", "peak_mb", "ttft_ms", "ttft_ms_spread",
               "decode_tps_b1", "decode_tps_b1_spread", "decode_tps_bN", "decode_tps_bN_spread", "batch_N",
               "key_accuracy", "exact_match", "char_f1", "chrf", "answer_loss", "stopped_with_eos", "eval_n"]
+
+
+def mode_label(row: dict) -> str:
+    """The precision, and "+ adapter" for a fine-tuned model run as its adapter on the 4-bit base."""
+    return f"{row.get('mode', '?')} + adapter" if row.get("adapter") else str(row.get("mode", "?"))
 
 
 def _speed_of(row: dict, which: str) -> dict:
@@ -192,7 +197,7 @@ def flat_row(row: dict) -> dict:
         return None if v is None else round(v * scale, 3)
 
     return {
-        "model": row.get("model"), "mode": row.get("mode"), "status": row.get("status"),
+        "model": row.get("model"), "mode": row.get("mode"), "adapter": row.get("adapter"), "status": row.get("status"),
         "error": "; ".join(row.get("errors") or []) or None, "source": row.get("source_label"),
         "n_params": row.get("n_params"), "dtype": row.get("dtype"), "device": row.get("device"),
         "attn_implementation": row.get("attn_implementation"), "load_s": r(row.get("load_s"), 2),
@@ -225,7 +230,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
         q = row.get("quality") or {}
         err = "; ".join(row.get("errors") or [])
         out.append({
-            "model": row.get("model", "?"), "mode": row.get("mode", "?"),
+            "model": row.get("model", "?"), "mode": mode_label(row),
             "load s": fmt_num(row.get("load_s")),
             "footprint MB": fmt_mb(row.get("footprint_bytes")),
             "est. MB": fmt_mb(row.get("estimated_bytes")),
@@ -288,7 +293,7 @@ def _quality_panel(ax, rows: list[dict], metric: str, memory: str, colors: dict)
         if q is None or m is None:
             continue
         tps = (_speed_of(row, "b1").get("decode_tokens_per_s") or {}).get("median") or 0.0
-        points.append((m / MB, q, tps, str(row.get("model")), str(row.get("mode"))))
+        points.append((m / MB, q, tps, str(row.get("model")), mode_label(row)))
     label = metric.replace("_", " ")
     ax.set_xlabel("memory footprint (MB)" if memory == "footprint_bytes" else "measured peak (MB)")
     ax.set_ylabel(label)
@@ -325,7 +330,7 @@ def prompt_answer_tables(rows: list[dict], prompts: Sequence[str]) -> list[tuple
         for row in rows:
             answers = row.get("answers") or []
             if i < len(answers):
-                table.append({"model": row.get("model"), "mode": row.get("mode"),
+                table.append({"model": row.get("model"), "mode": mode_label(row),
                               "answer": answers[i]["answer"][:300] or "(empty)"})
         out.append((prompt, table))
     return out

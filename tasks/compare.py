@@ -95,12 +95,12 @@ def resolve_entry(spec: str, store: ArtifactStore, log=print, materialise: bool 
         if found is None:
             return {**entry, "kind": "skipped", "skipped": "no fine-tuned (merged) model in the store yet"}
         key, how = found
-        return {**entry, "kind": "store", "key": key, "source_label": f"{key} ({how})"}
+        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": f"{key} ({how})"}, store)
     if spec.startswith(STORE_PREFIX):
         key = spec[len(STORE_PREFIX):].strip("/")
         if not store.exists(key):
             raise M.ModelSourceError(f"{store.uri(key)} is not a complete output in the store (no {MANIFEST})")
-        return {**entry, "kind": "store", "key": key, "source_label": key}
+        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": key}, store)
     src = M.resolve_source(spec)
     if src.kind == "dir":
         M.load_tokenizer(Path(src.location))  # fails now, with the reason, if it has no usable chat template
@@ -116,13 +116,37 @@ def model_dir(entry: dict, store: ArtifactStore) -> Path:
     return Path(entry["path"]) if entry["kind"] == "path" else store.get_dir(entry["key"])
 
 
+def trained_from(key: str, store: ArtifactStore) -> dict | None:
+    """The adapter and 4-bit base a merged model was made from, when the store still has both
+    (None for other outputs, and for merged models of versions that did not record them)."""
+    found = ((store.manifest(key) or {}).get("meta") or {}).get("trained_from") or {}
+    if found.get("adapter") and found.get("quantized_base") and all(store.exists(k) for k in found.values()):
+        return found
+    return None
+
+
+def with_trained_form(entry: dict, store: ArtifactStore) -> dict:
+    """A merged model's entry, told where its adapter and 4-bit base are."""
+    found = trained_from(entry["key"], store) if entry.get("key") else None
+    return {**entry, "trained_from": found} if found else entry
+
+
 # -- one measurement ---------------------------------------------------------------------------
 
 def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, store: ArtifactStore, log=print,
             limit: str | None = None) -> dict:
-    """`limit`: the concurrency limit to hold, already checked to exist by the flow (None = none)."""
+    """`limit`: the concurrency limit to hold, already checked to exist by the flow (None = none).
+
+    A merged fine-tuned model in 4-bit is its adapter on the 4-bit base it was trained on: how a
+    QLoRA model runs in 4-bit, and what the finetune flow evaluated as "trained". Quantizing the
+    merged weights again rounds the adapter's small changes away (the facts with them)."""
     gpu = M.on_gpu()
-    directory = model_dir(entry, store)
+    directory, adapter, label = model_dir(entry, store), None, entry.get("source_label")
+    if mode == "4bit" and entry.get("trained_from"):
+        found = entry["trained_from"]
+        directory, adapter = store.get_dir(found["quantized_base"]), store.get_dir(found["adapter"])
+        label = f"{found['adapter']} on the 4-bit base {found['quantized_base']} (the merged {entry['key']} unmerged)"
+        log(f"{mode}: {label}")
     with gpu_slot(limit or "", strict=False), crash_on_device_error(), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
@@ -130,8 +154,9 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
             speed_new_tokens=cfg.speed_new_tokens(gpu), batch_sizes=cfg.speed.batch_sizes, runs=cfg.speed.runs,
             warmup=cfg.speed.warmup, answer_max_new_tokens=cfg.answer_tokens(gpu),
             rt=decide(cfg.compute_dtype, cfg.attn_implementation),
-            seed=cfg.eval.seed, reraise=must_propagate, log=log)
-    return {"model": entry["name"], "spec": entry["spec"], "source_label": entry.get("source_label"), **row}
+            seed=cfg.eval.seed, reraise=must_propagate, log=log, adapter_dir=adapter)
+    return {"model": entry["name"], "spec": entry["spec"], "source_label": label,
+            "adapter": (entry["trained_from"]["adapter"] if adapter else None), **row}
 
 
 def error_row(entry: dict, mode: str, error: str, status: str = "error") -> dict:
@@ -275,6 +300,10 @@ def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, set
             "answer; character F1 and chrF against the reference; mean cross-entropy of the reference answer).",
             f"- compute dtype of 8/4-bit layers {settings['compute_dtype']}; attention requested "
             f"`{settings['attn_implementation']}` (the **attn** column is what the model reports using).",
+            *(["- **4bit + adapter**: a merged fine-tuned model in 4-bit is its adapter, unmerged, on the 4-bit "
+               "base it was trained on (how a QLoRA model runs in 4-bit, and what the finetune flow "
+               "evaluated); quantizing the merged weights again would round away what the adapter taught."]
+              if any(r.get("adapter") for r in rows) else []),
         ]),
         "## Answers side by side",
     ]
@@ -283,7 +312,7 @@ def markdown_report(rows: list[dict], table: list[dict], cfg: CompareConfig, set
     errors = [r for r in rows if r.get("errors")]
     if errors:
         parts.append("## Errors")
-        parts.append("\n".join(f"- `{r['model']}` {r['mode']}: " + "; ".join(r["errors"]) for r in errors))
+        parts.append("\n".join(f"- `{r['model']}` {report.mode_label(r)}: " + "; ".join(r["errors"]) for r in errors))
     parts += ["## Reproduce", f"`slmforge compare` with\n\n```json\n"
               f"{json.dumps(cfg.model_dump(mode='json', exclude={'storage'}), indent=1, ensure_ascii=False)}\n```",
               f"Environment: `{json.dumps(env)}`"]

@@ -61,7 +61,11 @@ def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_c
                                    "merge.min_answer_agreement set the tolerances)")
             log(f"merge.into=original: the published model differs from the trained one, as expected when "
                 f"merging into the original weights: {G.describe_check(check)}")
-        store.commit_dir(staging, key, meta={"merge": info, "merge_check": check, "runtime": rt.to_dict()})
+        # what it was merged from: compare measures a merged model in 4-bit as it was trained and is
+        # served (these on the 4-bit base), not by quantizing the merged weights again
+        trained_from = {"adapter": adapter["key"], "quantized_base": base["quantized"]["key"]}
+        store.commit_dir(staging, key, meta={"merge": info, "merge_check": check, "runtime": rt.to_dict(),
+                                             "trained_from": trained_from})
     meta = store.manifest(key)["meta"]
     log(f"merged model: {store.uri(key)}; {G.describe_check(meta['merge_check'])}")
     return {"key": key, "uri": store.uri(key), **meta}

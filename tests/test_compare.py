@@ -153,6 +153,71 @@ def test_finetune_latest_prefers_published_then_newest(tmp_path):
         resolve_entry(str(tmp_path / "nope"), store)
 
 
+def test_a_merged_model_in_4bit_is_measured_as_its_adapter_on_the_4bit_base(tiny_model_dir, tmp_path):
+    """finetune:latest in 4-bit: the merged model's adapter on the 4-bit base it was trained on (what
+    the finetune flow evaluated), not the merged weights quantized again. The tiny model's coarse
+    weights (std 0.2) make re-quantization's error large, so the two are far apart."""
+    from peft import LoraConfig, get_peft_model
+
+    from slmforge import data as D
+    from slmforge import merging as G
+    from slmforge import modeling as M
+    from slmforge import readers as RD
+    from slmforge import records as RC
+    from slmforge.evaluation import evaluate_model
+    from slmforge.runtime import decide
+    from tasks.compare import eval_examples, measure, resolve_entry
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    staging = store.staging_dir("models/quantized/q")
+    M.load_model(tiny_model_dir, "4bit").save_pretrained(staging)
+    M.load_tokenizer(tiny_model_dir).save_pretrained(staging)
+    store.commit_dir(staging, "models/quantized/q")
+    staging = store.staging_dir("adapters/a")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(M.load_model(store.get_dir("models/quantized/q"), "saved"), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(staging)
+    M.load_tokenizer(tiny_model_dir).save_pretrained(staging)
+    store.commit_dir(staging, "adapters/a")
+    quantized, adapter = store.get_dir("models/quantized/q"), store.get_dir("adapters/a")
+    staging = store.staging_dir("merged/m")
+    G.merge(quantized, tiny_model_dir, adapter, staging, "quantized")
+    M.load_tokenizer(tiny_model_dir).save_pretrained(staging)
+    store.commit_dir(staging, "merged/m", meta={"trained_from": {"adapter": "adapters/a",
+                                                                 "quantized_base": "models/quantized/q"}})
+
+    cfg = load_compare_config(overrides=["eval.items=4", "eval.max_new_tokens=4", "eval.batch_size=2",
+                                         "speed.new_tokens=2", "speed.runs=1", "speed.warmup=0",
+                                         "speed.batch_sizes=[1]", 'prompts=["2+2?"]', "answer_max_new_tokens=2",
+                                         f"storage.url=file://{tmp_path}/store", "threads=1"])
+    examples = eval_examples(cfg, store, gpu=False)
+    entry = resolve_entry("finetune:latest", store)
+    assert entry["trained_from"] == {"adapter": "adapters/a", "quantized_base": "models/quantized/q"}
+    as_trained = measure(entry, "4bit", examples, cfg, store)
+    requantized = measure({k: v for k, v in entry.items() if k != "trained_from"}, "4bit", examples, cfg, store)
+    assert as_trained["status"] == "ok" and as_trained["adapter"] == "adapters/a", as_trained
+    assert report.mode_label(as_trained) == "4bit + adapter" and report.mode_label(requantized) == "4bit"
+    assert "adapters/a" in as_trained["source_label"] and requantized["adapter"] is None
+    assert as_trained["n_params"] == requantized["n_params"]  # the base's count, the adapter not in it
+    assert as_trained["footprint_bytes"] > requantized["footprint_bytes"]  # the adapter's fp32 weights
+
+    tokenizer = M.load_tokenizer(adapter)
+    records = RC.tokenize_split(tokenizer, [D.Example(**e) for e in examples], cfg.data, RD.Report("t"), "test")
+    trained = evaluate_model(G.load_trained(quantized, adapter, decide()), tokenizer, records,
+                             cfg.eval_max_new_tokens(False), cfg.eval.batch_size, cfg.eval.seed)
+    want = trained["summary"]["overall"]["answer_loss"]
+    got, other = as_trained["quality"]["answer_loss"], requantized["quality"]["answer_loss"]
+    # a random model's loss sits near ln(vocab) whatever it runs as, so the differences are small:
+    # 0.0005 (bitsandbytes' packed inference kernel against training's unpacked one) and 0.04 here
+    assert abs(got - want) < 0.005, (got, want)
+    assert abs(other - want) > 10 * abs(got - want), (other, got, want)
+
+    row = report.flat_row(as_trained)
+    assert row["mode"] == "4bit" and row["adapter"] == "adapters/a"
+    assert report.display_rows([as_trained])[0]["mode"] == "4bit + adapter"
+
+
 # -- the flow ----------------------------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
                   {"key": keys["dataset"]}, strict, cfg.eval, store, log=lambda m: None, model_cfg=cfg.model)
     merged_dir = tmp_path / "store" / "merged"
     assert sorted(p.name for p in merged_dir.iterdir()) == [keys["merged"].split("/", 1)[1]], "left behind"
+    # what it was merged from, for compare's "4bit + adapter" row
+    assert store.manifest(keys["merged"])["meta"]["trained_from"] == {
+        "adapter": keys["adapter"], "quantized_base": keys["quantized"]}
 
     # the gate's decision is the one the published model's figures call for
     from slmforge.publishing import gate
