@@ -82,7 +82,9 @@ class CompareConfig(_Section):
                     "none) or `store:<key>` (a model directory in the store).")
     modes: list[Mode] = Field(
         default_factory=lambda: ["bf16", "8bit", "4bit"],
-        description="Precisions: bf16, fp32, 8bit (LLM.int8), 4bit (NF4 + double quant), 4bit-nodq (NF4 only).")
+        description="Precisions: bf16, fp32, 8bit (LLM.int8), 4bit (NF4 + double quant; a merged fine-tuned model "
+                    "runs as its adapter on the 4-bit base it was trained on, the '4bit + adapter' row), "
+                    "4bit-nodq (NF4 only).")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
                                description="Prompts answered side by side; also the inputs of the speed runs.")
     answer_max_new_tokens: int | Literal["auto"] = Field(
