@@ -302,21 +302,30 @@ def _quality_panel(ax, rows: list[dict], metric: str, memory: str, colors: dict)
         ax.text(0.5, 0.5, f"no model produced both {label} and a memory figure", ha="center",
                 transform=ax.transAxes)
         return set()
+    ys = [p[1] for p in points]
     if metric != "answer_loss":
         ax.set_ylim(-0.05, 1.05)
+    else:
+        ypad = max(0.05, (max(ys) - min(ys)) * 0.1)
+        ax.set_ylim(min(ys) - ypad, max(ys) + ypad * 2)
     top = max(p[2] for p in points) or 1.0
     xs = [p[0] for p in points]
     pad = max(1.0, (max(xs) - min(xs)) * 0.15)
     lo, hi = max(0.0, min(xs) - pad), max(xs) + pad * 2
     ax.set_xlim(lo, hi)
-    placed: list[tuple[float, float, int]] = []
+    ylo, yhi = ax.get_ylim()
+    height_pt = ax.figure.get_figheight() * 72 * ax.get_position().height
+    placed: list[tuple[float, float]] = []  # (x, the label's height in points)
     for x, y, tps, name, mode in sorted(points, key=lambda p: (p[1], p[0])):
         # hollow markers, so a point on top of another (same size and score) still shows both rings
         ax.scatter([x], [y], s=40 + 460 * (tps / top), facecolors="none", edgecolors=colors[name], linewidths=1.6)
-        # a label goes on the lowest line no nearby label uses; the model is the colour (legend)
-        used = {lvl for px, py, lvl in placed if abs(px - x) < 0.22 * (hi - lo) and abs(py - y) < 0.06}
-        k = next(i for i in range(len(placed) + 1) if i not in used)
-        placed.append((x, y, k))
+        # a label goes on the lowest line (10 pt apart) where no nearby label already is; the
+        # model is the colour (legend)
+        at = (y - ylo) / (yhi - ylo) * height_pt + 4
+        k = 0
+        while any(abs(px - x) < 0.22 * (hi - lo) and abs(at + 10 * k - py) < 9 for px, py in placed):
+            k += 1
+        placed.append((x, at + 10 * k))
         ax.annotate(f"{mode} · {tps:.1f} tok/s", (x, y), textcoords="offset points",
                     xytext=(10, 4 + 10 * k), fontsize=7, color=colors[name])
     return {p[3] for p in points}
