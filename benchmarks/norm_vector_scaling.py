@@ -1,0 +1,141 @@
+"""Would a vector in place of the calibrate stage's one temperature lower the answer loss further?
+
+The calibrate stage scales the final norm's weight by 1/T (every logit divided by T). The norm's
+weight is a vector, so a per-dimension scale `s` (hidden-size numbers) folds into it just as well:
+logits = lm_head(s * norm(h)). This fits `s` on the validation split's answer tokens (what T is
+fitted on), from 1/T, with an L2 pull towards 1/T of strength `--l2`; `--cv` folds of the
+validation items say which strength a stage could choose without the test split. It reports on the
+test split: answer loss (mean per item, as evaluation reports it) per part, and how many answer tokens'
+teacher-forced argmax changed against the scalar T (a scalar changes none; a vector can move
+greedy answers, and so key accuracy).
+
+    .venv/bin/python benchmarks/norm_vector_scaling.py --store .slmforge/store \\
+        --dataset datasets/<key> --quantized models/quantized/<key> --adapter adapters/<key> --l2 1 3 10 30 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stored_adapter beside this file
+
+import stored_adapter  # noqa: E402
+from slmforge import calibration as C  # noqa: E402
+
+
+@torch.no_grad()
+def answer_states(model, records: list[dict], pad: int, batch_size: int = 16):
+    """The final norm's output at every position that predicts an answer token, the token, and the
+    record each belongs to (for the per-item mean)."""
+    _, norm = C.final_norm(model)
+    seen: list[torch.Tensor] = []
+    hook = norm.register_forward_hook(lambda m, i, o: seen.append(o.detach().float()))
+    states, tokens, owner = [], [], []
+    try:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
+            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch])
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+            seen.clear()
+            model(input_ids=ids, attention_mask=mask)
+            z = seen[-1][:, :-1]
+            target = labels[:, 1:]
+            keep = target != -100
+            states.append(z[keep])
+            tokens.append(target[keep])
+            owner.append((torch.arange(len(batch))[:, None].expand_as(target) + start)[keep])
+    finally:
+        hook.remove()
+    return torch.cat(states), torch.cat(tokens), torch.cat(owner)
+
+
+def per_item_loss(logits: torch.Tensor, tokens: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    tok = torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
+    total = torch.zeros(n).index_add(0, owner, tok)
+    count = torch.zeros(n).index_add(0, owner, torch.ones_like(tok))
+    return total / count.clamp(min=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    stored_adapter.add_arguments(ap)
+    ap.add_argument("--l2", nargs="+", type=float, default=[0.0, 1.0, 10.0, 100.0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--cv", type=int, default=5, help="folds for choosing l2 on the validation split (0: none)")
+    args = ap.parse_args()
+
+    model, tokenizer, split = stored_adapter.load(args)
+    pad = tokenizer.pad_token_id
+    validation, test = split("validation"), split("test")
+    fit = C.fit_temperature(model, validation, 16, pad)
+    t = fit["temperature"]
+    print(C.describe(fit), flush=True)
+    head = model.get_output_embeddings().weight.detach().float()
+    zv, yv, ov = answer_states(model, validation, pad)
+    zt, yt, ot = answer_states(model, test, pad)
+    parts = [r.get("part") or "all" for r in test]
+    print(f"{len(yv)} validation and {len(yt)} test answer tokens; hidden size {head.shape[1]}", flush=True)
+
+    def report(name: str, s: torch.Tensor, ref_argmax: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            logits_t = (zt * s) @ head.T
+            items = per_item_loss(logits_t, yt, ot, len(test))
+            val = per_item_loss((zv * s) @ head.T, yv, ov, len(validation)).mean()
+            by = {p: items[[i for i, q in enumerate(parts) if q == p]].mean().item() for p in sorted(set(parts))}
+            argmax = logits_t.argmax(-1)
+            moved = "" if ref_argmax is None else f"; argmax moved on {(argmax != ref_argmax).sum().item()} of {len(yt)} tokens"
+            right = (argmax == yt).float().mean().item()
+            print(f"{name}: validation {val.item():.3f}, test {items.mean().item():.3f} "
+                  f"({', '.join(f'{p} {v:.3f}' for p, v in by.items())}); teacher-forced token accuracy "
+                  f"{right:.3f}{moved}", flush=True)
+            return argmax
+
+    ones = torch.ones(head.shape[1])
+
+    def fit_vector(l2: float, items: torch.Tensor) -> torch.Tensor:
+        """s fitted on the answer tokens of these validation items, from 1/T, pulled towards it."""
+        keep = torch.isin(ov, items)
+        z, y = zv[keep], yv[keep]
+        owner = torch.searchsorted(items, ov[keep])  # items sorted: their positions 0..len-1
+        s = (ones / t).clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([s], lr=0.5, max_iter=args.steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = per_item_loss((z * s) @ head.T, y, owner, len(items)).mean() + l2 * ((s - 1 / t) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return s.detach()
+
+    report("T=1", ones)
+    scalar = report(f"scalar T={t:.3f}", ones / t)
+    everything = torch.arange(len(validation))
+    for l2 in args.l2:
+        s = fit_vector(l2, everything)
+        report(f"vector, l2 {l2:g} (s from {s.min().item():.3f} to {s.max().item():.3f})", s, scalar)
+    if args.cv > 1:  # choosing l2 without the test split: k-fold over the validation items
+        cv = {}
+        for l2 in args.l2:
+            held = []
+            for k in range(args.cv):
+                out, into = everything[everything % args.cv == k], everything[everything % args.cv != k]
+                s = fit_vector(l2, into)
+                keep = torch.isin(ov, out)
+                held.append(per_item_loss((zv[keep] * s) @ head.T, yv[keep], torch.searchsorted(out, ov[keep]),
+                                          len(out)).detach())
+            cv[l2] = torch.cat(held).mean().item()
+        print(f"{args.cv}-fold validation loss by l2: " + ", ".join(f"{k:g} {v:.3f}" for k, v in cv.items())
+              + f"; scalar T: {per_item_loss((zv / t) @ head.T, yv, ov, len(validation)).mean().item():.3f} "
+              f"(T fitted on all of it); chosen l2 {min(cv, key=cv.get):g}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
