@@ -141,12 +141,14 @@ def measure(entry: dict, mode: str, examples: list[dict], cfg: CompareConfig, st
     QLoRA model runs in 4-bit, and what the finetune flow evaluated as "trained". Quantizing the
     merged weights again rounds the adapter's small changes away (the facts with them)."""
     gpu = M.on_gpu()
-    directory, adapter, label = model_dir(entry, store), None, entry.get("source_label")
+    adapter, label = None, entry.get("source_label")
     if mode == "4bit" and entry.get("trained_from"):
         found = entry["trained_from"]
         directory, adapter = store.get_dir(found["quantized_base"]), store.get_dir(found["adapter"])
         label = f"{found['adapter']} on the 4-bit base {found['quantized_base']} (the merged {entry['key']} unmerged)"
         log(f"{mode}: {label}")
+    else:
+        directory = model_dir(entry, store)
     with gpu_slot(limit or "", strict=False), crash_on_device_error(), B.torch_threads(None if cfg.threads == "auto" else cfg.threads):
         row = B.benchmark_model(
             directory, mode, examples=examples, data_cfg=cfg.data, prompts=cfg.prompts,
