@@ -133,7 +133,7 @@ def _fake_output(store: ArtifactStore, key: str, meta: dict | None = None) -> No
 
 
 def test_finetune_latest_prefers_published_then_newest(tmp_path):
-    from tasks.compare import latest_finetuned, resolve_entry
+    from tasks.compare_sources import latest_finetuned, resolve_entry
 
     store = ArtifactStore(f"file://{tmp_path}/store")
     assert resolve_entry("finetune:latest", store)["kind"] == "skipped"
@@ -166,7 +166,8 @@ def test_a_merged_model_in_4bit_is_measured_as_its_adapter_on_the_4bit_base(tiny
     from slmforge import records as RC
     from slmforge.evaluation import evaluate_model
     from slmforge.runtime import decide
-    from tasks.compare import eval_examples, measure, resolve_entry
+    from tasks.compare import eval_examples, measure
+    from tasks.compare_sources import resolve_entry
 
     store = ArtifactStore(f"file://{tmp_path}/store")
     staging = store.staging_dir("models/quantized/q")
