@@ -25,47 +25,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # stored_adapter besid
 
 import stored_adapter  # noqa: E402
 from slmforge import calibration as C  # noqa: E402
+from slmforge.evaluation import answer_token_logits, per_record_mean  # noqa: E402
 
 
-@torch.no_grad()
 def answer_states(model, records: list[dict], pad: int, batch_size: int = 16):
-    """The final norm's output at every position that predicts an answer token, the token, and the
-    record each belongs to (for the per-item mean)."""
-    _, norm = C.final_norm(model)
-    seen: list[torch.Tensor] = []
-    hook = norm.register_forward_hook(lambda m, i, o: seen.append(o.detach().float()))
+    """What the LM head reads (the final norm's output) at every position that predicts an answer
+    token, the token, and the record each belongs to (for the per-item mean)."""
     states, tokens, owner = [], [], []
-    try:
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
-            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch])
-            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
-            seen.clear()
-            model(input_ids=ids, attention_mask=mask)
-            z = seen[-1][:, :-1]
-            target = labels[:, 1:]
-            keep = target != -100
-            states.append(z[keep])
-            tokens.append(target[keep])
-            owner.append((torch.arange(len(batch))[:, None].expand_as(target) + start)[keep])
-    finally:
-        hook.remove()
+    for start, (z, y, row) in zip(range(0, len(records), batch_size),
+                                  answer_token_logits(model, records, batch_size, pad, hidden=True)):
+        states.append(z)
+        tokens.append(y)
+        owner.append(row + start)
     return torch.cat(states), torch.cat(tokens), torch.cat(owner)
 
 
 def per_item_loss(logits: torch.Tensor, tokens: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    tok = torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
-    total = torch.zeros(n).index_add(0, owner, tok)
-    count = torch.zeros(n).index_add(0, owner, torch.ones_like(tok))
-    return total / count.clamp(min=1)
+    return per_record_mean(torch.nn.functional.cross_entropy(logits, tokens, reduction="none"), owner, n)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stored_adapter.add_arguments(ap)
-    ap.add_argument("--l2", nargs="+", type=float, default=[0.0, 1.0, 10.0, 100.0])
+    ap.add_argument("--l2", nargs="+", type=float, default=[1.0, 3.0, 10.0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--cv", type=int, default=5, help="folds for choosing l2 on the validation split (0: none)")
     args = ap.parse_args()

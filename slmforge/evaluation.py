@@ -61,9 +61,10 @@ def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int,
     return out
 
 
-def answer_token_logits(model, records: list[dict], batch_size: int, pad_id: int):
+def answer_token_logits(model, records: list[dict], batch_size: int, pad_id: int, hidden: bool = False):
     """Per batch: the logits that predict each labelled (assistant) token, float32 [n, vocab], the
-    tokens [n], and which record each belongs to [n] (an index into the batch)."""
+    tokens [n], and which record each belongs to [n] (an index into the batch). `hidden`: the last
+    hidden state there instead [n, hidden size], what the LM head reads (after the final norm)."""
     device = _device(model)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
@@ -77,7 +78,8 @@ def answer_token_logits(model, records: list[dict], batch_size: int, pad_id: int
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=hidden)
+        logits = out.hidden_states[-1] if hidden else out.logits
         shift_labels = labels[:, 1:].to(device)
         where = shift_labels != -100
         row = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(shift_labels)
