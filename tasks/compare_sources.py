@@ -60,12 +60,12 @@ def resolve_entry(spec: str, store: ArtifactStore, log=print, materialise: bool 
         if found is None:
             return {**entry, "kind": "skipped", "skipped": "no fine-tuned (merged) model in the store yet"}
         key, how = found
-        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": f"{key} ({how})"}, store)
+        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": f"{key} ({how})"}, store, log)
     if spec.startswith(STORE_PREFIX):
         key = spec[len(STORE_PREFIX):].strip("/")
         if not store.exists(key):
             raise M.ModelSourceError(f"{store.uri(key)} is not a complete output in the store (no {MANIFEST})")
-        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": key}, store)
+        return with_trained_form({**entry, "kind": "store", "key": key, "source_label": key}, store, log)
     src = M.resolve_source(spec)
     if src.kind == "dir":
         M.load_tokenizer(Path(src.location))  # fails now, with the reason, if it has no usable chat template
@@ -81,16 +81,21 @@ def model_dir(entry: dict, store: ArtifactStore) -> Path:
     return Path(entry["path"]) if entry["kind"] == "path" else store.get_dir(entry["key"])
 
 
-def trained_from(key: str, store: ArtifactStore) -> dict | None:
+def trained_from(key: str, store: ArtifactStore, log=print) -> dict | None:
     """The adapter and 4-bit base a merged model was made from, when the store still has both
     (None for other outputs, and for merged models of versions that did not record them)."""
     found = ((store.manifest(key) or {}).get("meta") or {}).get("trained_from") or {}
-    if found.get("adapter") and found.get("quantized_base") and all(store.exists(k) for k in found.values()):
-        return found
-    return None
+    if not (found.get("adapter") and found.get("quantized_base")):
+        return None
+    missing = [k for k in (found["adapter"], found["quantized_base"]) if not store.exists(k)]
+    if missing:
+        log(f"{key}: its {', '.join(missing)} is no longer in the store, so its 4-bit row is the merged "
+            "model quantized again, which loses most of what the adapter taught")
+        return None
+    return found
 
 
-def with_trained_form(entry: dict, store: ArtifactStore) -> dict:
+def with_trained_form(entry: dict, store: ArtifactStore, log=print) -> dict:
     """A merged model's entry, told where its adapter and 4-bit base are."""
-    found = trained_from(entry["key"], store) if entry.get("key") else None
+    found = trained_from(entry["key"], store, log) if entry.get("key") else None
     return {**entry, "trained_from": found} if found else entry

@@ -214,6 +214,12 @@ def test_a_merged_model_in_4bit_is_measured_as_its_adapter_on_the_4bit_base(tiny
     assert abs(got - want) < 0.005, (got, want)
     assert abs(other - want) > 10 * abs(got - want), (other, got, want)
 
+    # an adapter deleted from the store since: the plain 4-bit row, and a line saying why
+    store.fs.rm(store.path("adapters/a"), recursive=True)
+    said = []
+    assert "trained_from" not in resolve_entry("finetune:latest", store, said.append)
+    assert any("adapters/a is no longer in the store" in s for s in said), said
+
     row = report.flat_row(as_trained)
     assert row["mode"] == "4bit" and row["adapter"] == "adapters/a"
     assert report.display_rows([as_trained])[0]["mode"] == "4bit + adapter"
