@@ -25,19 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # stored_adapter besid
 
 import stored_adapter  # noqa: E402
 from slmforge import calibration as C  # noqa: E402
-from slmforge.evaluation import answer_token_logits, per_record_mean  # noqa: E402
-
-
-def answer_states(model, records: list[dict], pad: int, batch_size: int = 16):
-    """What the LM head reads (the final norm's output) at every position that predicts an answer
-    token, the token, and the record each belongs to (for the per-item mean)."""
-    states, tokens, owner = [], [], []
-    for start, (z, y, row) in zip(range(0, len(records), batch_size),
-                                  answer_token_logits(model, records, batch_size, pad, hidden=True)):
-        states.append(z)
-        tokens.append(y)
-        owner.append(row + start)
-    return torch.cat(states), torch.cat(tokens), torch.cat(owner)
+from slmforge.evaluation import per_record_mean  # noqa: E402
 
 
 def per_item_loss(logits: torch.Tensor, tokens: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
@@ -48,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stored_adapter.add_arguments(ap)
     ap.add_argument("--l2", nargs="+", type=float, default=[1.0, 3.0, 10.0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cv", type=int, default=5, help="folds for choosing l2 on the validation split (0: none)")
     args = ap.parse_args()
 
@@ -59,8 +47,8 @@ def main() -> None:
     t = fit["temperature"]
     print(C.describe(fit), flush=True)
     head = model.get_output_embeddings().weight.detach().float()
-    zv, yv, ov = answer_states(model, validation, pad)
-    zt, yt, ot = answer_states(model, test, pad)
+    zv, yv, ov = C.answer_states(model, validation, 16, pad)
+    zt, yt, ot = C.answer_states(model, test, 16, pad)
     parts = [r.get("part") or "all" for r in test]
     print(f"{len(yv)} validation and {len(yt)} test answer tokens; hidden size {head.shape[1]}", flush=True)
 
@@ -81,21 +69,10 @@ def main() -> None:
     ones = torch.ones(head.shape[1])
 
     def fit_vector(l2: float, items: torch.Tensor) -> torch.Tensor:
-        """s fitted on the answer tokens of these validation items, from 1/T, pulled towards it."""
+        """s fitted on the answer tokens of these validation items (as the calibrate stage fits it)."""
         keep = torch.isin(ov, items)
-        z, y = zv[keep], yv[keep]
         owner = torch.searchsorted(items, ov[keep])  # items sorted: their positions 0..len-1
-        s = (ones / t).clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([s], lr=0.5, max_iter=args.steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = per_item_loss((z * s) @ head.T, y, owner, len(items)).mean() + l2 * ((s - 1 / t) ** 2).mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return s.detach()
+        return C.fit_scale(zv[keep], yv[keep], owner, len(items), head, t, l2, args.steps)
 
     report("T=1", ones)
     scalar = report(f"scalar T={t:.3f}", ones / t)

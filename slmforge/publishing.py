@@ -129,10 +129,16 @@ model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged"{rev_ar
 """ if merged else ""
     calibration_note = (
         f"\nThe adapter also carries the base's final norm (`{calibration['module']}`, in `modules_to_save`) "
-        f"scaled so that every logit is divided by a temperature of {calibration['temperature']:g}, fitted on "
-        f"{calibration['records']} validation answers (answer loss there {calibration['loss_at_1']:.3f} -> "
-        f"{calibration['loss_near_t']:.3f}): greedy answers are those of the trained adapter; the probabilities "
-        "are calibrated. The metrics below are of this adapter, merged.\n") if calibration else ""
+        + (f"scaled per dimension (a temperature of {calibration['temperature']:g}, then one scale per hidden "
+           f"dimension pulled towards it), fitted on {calibration['records']} validation answers (answer loss there "
+           f"{calibration['loss_at_1']:.3f} -> {calibration['loss_near_t']:.3f} -> {calibration['loss_vector']:.3f}): "
+           "the probabilities are calibrated, and greedy answers can differ from the uncalibrated adapter's. "
+           if calibration.get("method") == "vector" else
+           f"scaled so that every logit is divided by a temperature of {calibration['temperature']:g}, fitted on "
+           f"{calibration['records']} validation answers (answer loss there {calibration['loss_at_1']:.3f} -> "
+           f"{calibration['loss_near_t']:.3f}): greedy answers are those of the trained adapter; the probabilities "
+           "are calibrated. ")
+        + "The metrics below are of this adapter, merged.\n") if calibration else ""
     body = f"""# {repo}
 
 A LoRA adapter for `{base_ref}`, fine-tuned with QLoRA by the slmforge finetune pipeline.

@@ -1,6 +1,7 @@
-"""Stage 3b: temperature scaling. Fit one T on the validation split's answers with the trained model
-(the adapter on the 4-bit base) and fold it into a copy of the adapter; the merge, the evaluation
-and the Hub push then all use that adapter (`slmforge/calibration.py` says why)."""
+"""Stage 3b: calibration. Fit a temperature T, and with `calibrate.method: vector` a per-dimension
+scale from 1/T, on the validation split's answers with the trained model (the adapter on the 4-bit
+base), and fold it into a copy of the adapter's final norm; the merge, the evaluation and the Hub
+push then all use that adapter (`slmforge/calibration.py` says why)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,13 @@ def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConf
         rt = for_config(model_cfg)
         model = load_trained(store.get_dir(base["quantized"]["key"]), adapter_dir, rt)
         try:
-            fit = C.fit_temperature(model, records, eval_cfg.batch_size, M.load_tokenizer(adapter_dir).pad_token_id)
-            folded = C.fold_temperature(model, fit["temperature"], records[0]["input_ids"])
+            pad = M.load_tokenizer(adapter_dir).pad_token_id
+            if cfg.method == "vector":
+                fit = C.fit_vector(model, records, eval_cfg.batch_size, pad, cfg.l2, cfg.steps)
+                folded = C.fold_vector(model, fit.pop("scale"), records[0]["input_ids"])
+            else:
+                fit = C.fit_temperature(model, records, eval_cfg.batch_size, pad)
+                folded = C.fold_temperature(model, fit["temperature"], records[0]["input_ids"])
         finally:
             del model
             M.free_memory()

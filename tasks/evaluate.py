@@ -120,7 +120,7 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
         f"(fingerprint `{report['dataset']['fingerprint']}`); "
         f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
         "Models: `base` before fine-tuning; `trained`, the adapter on the 4-bit base (what training produced, "
-        "with its calibrated temperature); `published`, the merged model that is published and that the gate judges.",
+        "with its calibration); `published`, the merged model that is published and that the gate judges.",
         *([f"Calibration: {describe_calibration(report['calibration'])}; folded into the adapter's "
            f"`{report['calibration']['module']}`."] if report.get("calibration") else []),
         "## Before / after (held-out split)", R.markdown_table(table),

@@ -67,7 +67,7 @@ def check_inputs(cfg: FinetuneConfig, store_checked: bool = False) -> dict:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's context of {context} tokens")
     meta = meta_model(config)
     check_lora_targets(cfg.lora, *module_names(meta))
-    if cfg.calibrate.enabled and (problem := unfoldable(config, meta, cfg.lora.modules_to_save)):
+    if cfg.calibrate.enabled and (problem := unfoldable(config, meta, cfg.lora.modules_to_save, cfg.calibrate.method)):
         raise ConfigError(problem)
     if cfg.publish.hub_repo and not hub_token(cfg.publish.token_secret_block):
         raise ConfigError(

@@ -97,6 +97,10 @@ def files(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     phi = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id")}
     (f["head_bias"] / "config.json").write_text(json.dumps({**phi, "model_type": "phi", "architectures": ["PhiForCausalLM"]}))
+    f["logits_scaled"] = d / "logits_scaled"  # Granite divides the head's output by logits_scaling
+    shutil.copytree(tiny_model_dir, f["logits_scaled"])
+    (f["logits_scaled"] / "config.json").write_text(json.dumps(
+        {**config, "model_type": "granite", "architectures": ["GraniteForCausalLM"], "logits_scaling": 8.0}))
     return f
 
 
@@ -120,6 +124,7 @@ CASES = [
     ("calibrate-soft-capped-logits", ["model.source={softcapped}"], "calibrate.enabled: the model soft-caps"),
     ("calibrate-head-with-bias", ["model.source={head_bias}"], "calibrate.enabled: the model's LM head has a bias"),
     ("calibrate-norm-trained", ["lora.modules_to_save=[norm]"], "calibrate.enabled: the final norm 'model.norm'"),
+    ("calibrate-vector-logits-scaled", ["model.source={logits_scaled}"], "calibrate.method: the model scales its logits"),
     # store URLs
     ("store-scheme-unsupported", ["storage.url=ftp://host/x"], "storage.url"),
     ("store-s3-without-bucket", ["storage.url=s3://"], "storage.url"),

@@ -7,7 +7,7 @@ import torch
 
 from slmforge import calibration as C
 from slmforge import modeling as M
-from slmforge.evaluation import answer_losses, generate_answers
+from slmforge.evaluation import answer_losses, generate_answers, per_record_mean
 from slmforge.records import encode_example, generation_prompt_ids
 
 QA = [("한국의 수도는?", "서울입니다."), ("일본의 수도는?", "도쿄입니다."), ("3 더하기 4는?", "7입니다."),
@@ -199,3 +199,134 @@ def test_a_calibrated_gpt2_adapter_reloads_and_merges_with_the_norms_bias(tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits * 1.3, reference, rtol=1e-4, atol=1e-4)
+
+
+# --- method: vector (a scale per hidden dimension) ---
+
+def _miscalibrated(tiny_model_dir):
+    """The 4x sharpened tiny model with half of its final norm's dimensions 3x sharper still: a
+    temperature cannot undo a per-dimension error, a vector can."""
+    model = _model(tiny_model_dir, 4.0)
+    model.model.norm.weight.data[::2] *= 3.0
+    return model
+
+
+def test_the_vector_fits_what_one_temperature_cannot_and_folds_to_the_loss_it_reports(tiny_model_dir, drawn_at_2,
+                                                                                       tokenizer):
+    pad = tokenizer.pad_token_id
+    fit = C.fit_vector(_miscalibrated(tiny_model_dir), drawn_at_2, 4, pad, l2=0.0, steps=30)
+    assert fit["method"] == "vector" and fit["tokens"] == sum(len(r["input_ids"]) - len(r["prompt_ids"]) for r in drawn_at_2)
+    # the answers were drawn from the 4x model at T=2, i.e. from norm * 2: odd dimensions need 1/2, even 1/6
+    s = fit["scale"]
+    assert s[1::2].mean() == pytest.approx(0.5, rel=0.25) and s[::2].mean() == pytest.approx(1 / 6, rel=0.25), s
+    assert fit["loss_vector"] < fit["loss_near_t"] - 0.05, fit
+    # the temperature part is the scalar fit on the same answers
+    assert fit["temperature"] == pytest.approx(C.fit_temperature(_miscalibrated(tiny_model_dir), drawn_at_2, 4,
+                                                                 pad)["temperature"], rel=1e-3)
+    model = _miscalibrated(tiny_model_dir)
+    folded = C.fold_vector(model, s, drawn_at_2[0]["input_ids"])
+    assert folded["form"] == "weight * s"
+    assert _loss(model, drawn_at_2, tokenizer) == pytest.approx(fit["loss_vector"], abs=1e-3)
+
+
+def test_the_pull_keeps_the_vector_near_one_over_t(tiny_model_dir, drawn_at_2, tokenizer):
+    pad = tokenizer.pad_token_id
+    free = C.fit_vector(_miscalibrated(tiny_model_dir), drawn_at_2, 4, pad, l2=0.0, steps=30)
+    pulled = C.fit_vector(_miscalibrated(tiny_model_dir), drawn_at_2, 4, pad, l2=100.0, steps=30)
+    start = 1 / pulled["temperature"]
+    assert (pulled["scale"] - start).abs().mean() < 0.5 * (free["scale"] - start).abs().mean()
+    assert free["loss_vector"] <= pulled["loss_vector"] <= pulled["loss_near_t"] + 1e-4
+
+
+def test_the_chunked_loss_is_the_per_record_mean_and_its_gradient(tiny_model_dir, records, tokenizer):
+    model = _model(tiny_model_dir, 1.0)
+    z, y, owner = C.answer_states(model, records, 4, tokenizer.pad_token_id)
+    head = model.get_output_embeddings().weight.detach().float()
+    s = torch.rand(head.shape[1]) + 0.5
+    whole = (s.clone().requires_grad_(True))
+    want = per_record_mean(torch.nn.functional.cross_entropy((z * whole) @ head.T, y, reduction="none"), owner,
+                           len(records)).mean()
+    want.backward()
+    chunked = s.clone().requires_grad_(True)
+    got = C.scaled_answer_loss(z, y, owner, len(records), head, chunked, chunk=5, backward=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(chunked.grad, whole.grad, rtol=1e-4, atol=1e-6)
+    # and at s = 1 it is the answer loss evaluation reports
+    assert C.scaled_answer_loss(z, y, owner, len(records), head, torch.ones(head.shape[1])).item() == pytest.approx(
+        _loss(model, records, tokenizer), rel=1e-4)
+
+
+def test_a_vector_folds_into_gemma_and_layernorm_with_a_bias(smollm_tokenizer_dir, records):
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           initializer_range=0.2)
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(cfg).eval()
+    gemma.model.norm.weight.data.normal_(0, 0.3)
+    _, gpt2 = _tiny("gpt2")
+    for model, ids, form in ((gemma, records[1]["input_ids"], "(1 + weight) * s - 1"),
+                             (gpt2, [5, 6, 7, 8, 9, 10, 11], "weight * s")):
+        name, norm = C.final_norm(model)
+        seen = []
+        hook = norm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        hook.remove()
+        s = torch.rand(norm.weight.shape[0]) + 0.3
+        want = (seen[-1] * s) @ model.get_output_embeddings().weight.T
+        assert C.fold_vector(model, s, ids[:4])["form"] == form
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=torch.tensor([ids])).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_vector_is_refused_when_the_logits_are_not_the_head_of_the_norm(tiny_model_dir, records):
+    from slmforge.lora_targets import meta_model
+    from transformers import GraniteConfig
+
+    model = _model(tiny_model_dir, 1.0)
+    model.lm_head.register_forward_hook(lambda m, a, out: out / 8.0)  # what Granite's logits_scaling does
+    weight = model.model.norm.weight.detach().clone()
+    with pytest.raises(C.CalibrationError, match="calibrate.method=temperature"):
+        C.fold_vector(model, torch.full_like(weight, 0.7), records[0]["input_ids"])
+    assert torch.equal(model.model.norm.weight, weight)
+    C.fold_temperature(model, 1.5, records[0]["input_ids"])  # a constant after the head still folds
+    # and validation says so before anything loads
+    granite = GraniteConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, logits_scaling=8.0)
+    assert "logits_scaling=8.0" in C.unfoldable(granite, meta_model(granite), method="vector")
+    assert C.unfoldable(granite, meta_model(granite), method="temperature") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folding_checks_a_half_precision_model_to_its_rounding(tiny_model_dir, records, dtype):
+    """On a GPU the trained model's norm and head are bf16: the check must allow bf16 rounding (it
+    refused every bf16 model when it asked for 1e-3), and still catch a wrong fold."""
+    for fold, scale in ((C.fold_temperature, 1.65), (C.fold_vector, torch.rand(64) + 0.3)):
+        model = _model(tiny_model_dir, 1.0).to(dtype)
+        fold(model, scale, records[0]["input_ids"])
+    model = _model(tiny_model_dir, 1.0).to(dtype)
+    model.lm_head.register_forward_hook(lambda m, a, out: out * 1.1)  # logits 10% off the head's output
+    with pytest.raises(C.CalibrationError, match="not the LM head applied"):
+        C.fold_vector(model, torch.rand(64) + 0.3, records[0]["input_ids"])
+
+
+def test_a_vector_calibrated_adapter_reloads_and_merges_to_the_folded_function(tiny_model_dir, records, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    trained = get_peft_model(M.load_model(tiny_model_dir, "fp32"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "adapter")
+    trained.eval()
+    ids = torch.tensor([records[2]["input_ids"]])
+    torch.manual_seed(1)
+    C.write_calibrated_adapter(tmp_path / "adapter", tmp_path / "calibrated",
+                               C.fold_vector(trained, torch.rand(64) + 0.3, records[0]["input_ids"]))
+    with torch.no_grad():
+        reference = trained(input_ids=ids).logits
+    reloaded = PeftModel.from_pretrained(M.load_model(tiny_model_dir, "fp32"), str(tmp_path / "calibrated")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(reloaded.merge_and_unload()(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)

@@ -59,6 +59,28 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
                   {"key": keys["dataset"]}, strict, cfg.eval, store, log=lambda m: None, model_cfg=cfg.model)
     merged_dir = tmp_path / "store" / "merged"
     assert sorted(p.name for p in merged_dir.iterdir()) == [keys["merged"].split("/", 1)[1]], "left behind"
+    # calibrate.method=vector on the same trained adapter: the stage writes an adapter whose answer
+    # loss on the validation answers, reloaded on the 4-bit base, is the one the fit reports
+    from slmforge.config import CalibrateConfig
+    from slmforge.evaluation import answer_losses
+    from slmforge.merging import load_trained
+    from slmforge.records import read_jsonl
+    from slmforge.runtime import for_config
+    from tasks.calibrate import run_calibration
+
+    trained = store.manifest(keys["adapter"])["meta"]["trained_adapter"]
+    vector = run_calibration({"key": trained}, {"quantized": {"key": keys["quantized"]}}, {"key": keys["dataset"]},
+                             CalibrateConfig(method="vector", steps=5), cfg.eval, store, log=lambda m: None,
+                             model_cfg=cfg.model)
+    fit = vector["calibration"]
+    assert vector["key"] not in (keys["adapter"], trained) and fit["method"] == "vector", fit
+    assert fit["form"] == "weight * s" and fit["loss_vector"] <= fit["loss_near_t"] + 1e-4, fit
+    validation = read_jsonl(store.get_dir(keys["dataset"]) / "validation.jsonl")[:cfg.calibrate.items]
+    model = load_trained(store.get_dir(keys["quantized"]), store.get_dir(vector["key"]), for_config(cfg.model))
+    from slmforge.modeling import load_tokenizer
+
+    losses = answer_losses(model, validation, cfg.eval.batch_size, load_tokenizer(store.get_dir(trained)).pad_token_id)
+    assert sum(losses) / len(losses) == pytest.approx(fit["loss_vector"], abs=1e-3)
     # what it was merged from, for compare's "4bit + adapter" row
     assert store.manifest(keys["merged"])["meta"]["trained_from"] == {
         "adapter": keys["adapter"], "quantized_base": keys["quantized"]}
