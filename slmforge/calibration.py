@@ -212,12 +212,13 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
 
 
 @torch.no_grad()
-def _fold(model, scale: torch.Tensor, probe_ids: list[int], expected, forms: tuple[str, str], method: str) -> dict:
-    """Scale the final norm's output by `scale` (a scalar or a hidden-size vector) in `model`, in
-    place, trying the weight's two forms: weight * scale (RMSNorm, LayerNorm, whose bias is scaled
-    too) and (1 + weight) * scale - 1 (Gemma's norm, whose output is x * (1 + weight)). `expected`
-    maps the logits and the norm's output before folding to the logits the fold must give on
-    `probe_ids`; the model is restored and CalibrationError raised when neither form gives them."""
+def _fold(model, scale, probe_ids: list[int], expected, forms: tuple[str, str], method: str) -> dict:
+    """Scale the final norm's output by `scale` (a function of a float32 tensor: x / T, or x * s for
+    a hidden-size vector s) in `model`, in place, trying the weight's two forms: scale(weight)
+    (RMSNorm, LayerNorm, whose bias is scaled too) and scale(1 + weight) - 1 (Gemma's norm, whose
+    output is x * (1 + weight)). `expected` maps the model's output and the norm's output before
+    folding to the logits the fold must give on `probe_ids`; the model is restored and
+    CalibrationError raised when neither form gives them."""
     problem = unfoldable(model.config, model, method=method)
     if problem:
         raise CalibrationError(problem)
@@ -233,11 +234,10 @@ def _fold(model, scale: torch.Tensor, probe_ids: list[int], expected, forms: tup
     want = expected(out, seen[-1], tol)
     weight = norm.weight.data.clone()
     bias = norm.bias.data.clone() if getattr(norm, "bias", None) is not None else None
-    scale = scale.to(weight.device, torch.float32)
-    for form, scaled in zip(forms, (weight.float() * scale, (1 + weight.float()) * scale - 1)):
+    for form, scaled in zip(forms, (scale(weight.float()), scale(1 + weight.float()) - 1)):
         norm.weight.data = scaled.to(weight.dtype)
         if bias is not None:
-            norm.bias.data = (bias.float() * scale).to(bias.dtype)
+            norm.bias.data = scale(bias.float()).to(bias.dtype)
         if _close(model(input_ids=ids).logits.float(), want, tol):
             tensors = {f"{name}.weight": norm.weight.data.clone()}
             if bias is not None:
@@ -254,7 +254,7 @@ def fold_temperature(model, temperature: float, probe_ids: list[int]) -> dict:
     """Scale the final norm's output by 1/T in `model` (in place), which divides every logit by T
     when the LM head is a bias-free linear map (tied or not) without soft-capping; checked on
     `probe_ids`. Returns the norm's name, the weight's form and the new tensors."""
-    return _fold(model, torch.tensor(1 / temperature), probe_ids, lambda out, state, tol: out.logits.float() / temperature,
+    return _fold(model, lambda x: x / temperature, probe_ids, lambda out, state, tol: out.logits.float() / temperature,
                  ("weight / T", "(1 + weight) / T - 1"), "temperature")
 
 
@@ -271,7 +271,8 @@ def fold_vector(model, scale: torch.Tensor, probe_ids: list[int]) -> dict:
                                    "norm's output; set calibrate.method=temperature")
         return (state * scale.to(state.device)) @ head.T
 
-    return _fold(model, scale, probe_ids, expected, ("weight * s", "(1 + weight) * s - 1"), "vector")
+    return _fold(model, lambda x: x * scale.to(x.device), probe_ids, expected, ("weight * s", "(1 + weight) * s - 1"),
+                 "vector")
 
 
 def write_calibrated_adapter(adapter_dir: Path, out_dir: Path, folded: dict) -> None:
