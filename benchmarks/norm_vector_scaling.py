@@ -1,13 +1,14 @@
-"""Would a vector in place of the calibrate stage's one temperature lower the answer loss further?
+"""How strongly should `calibrate.method=vector` pull its per-dimension scale towards 1/T, and what
+does it give against one temperature?
 
 The calibrate stage scales the final norm's weight by 1/T (every logit divided by T). The norm's
 weight is a vector, so a per-dimension scale `s` (hidden-size numbers) folds into it just as well:
-logits = lm_head(s * norm(h)). This fits `s` on the validation split's answer tokens (what T is
-fitted on), from 1/T, with an L2 pull towards 1/T of strength `--l2`; `--cv` folds of the
-validation items say which strength a stage could choose without the test split. It reports on the
-test split: answer loss (mean per item, as evaluation reports it) per part, and how many answer tokens'
-teacher-forced argmax changed against the scalar T (a scalar changes none; a vector can move
-greedy answers, and so key accuracy).
+logits = lm_head(s * norm(h)). This fits `s` as the stage does (`slmforge.calibration.fit_scale`)
+on the validation split's answer tokens, from 1/T, with an L2 pull towards 1/T of strength `--l2`;
+`--cv` folds of the validation items say which strength to choose without the test split. It
+reports on the test split: answer loss (mean per item, as evaluation reports it) per part, and how
+many answer tokens' teacher-forced argmax changed against the scalar T (a scalar changes none; a
+vector can move greedy answers, and so key accuracy: `calibration_greedy.py` measures those).
 
     .venv/bin/python benchmarks/norm_vector_scaling.py --store .slmforge/store \\
         --dataset datasets/<key> --quantized models/quantized/<key> --adapter adapters/<key> --l2 1 3 10 30 100
