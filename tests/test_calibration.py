@@ -77,6 +77,20 @@ def test_the_fitted_temperature_is_the_one_the_answers_were_drawn_at(tiny_model_
     assert generate_answers(model, tokenizer, drawn_at_2[:6], 8, 4) == before_answers
 
 
+def _tiny_gemma(tokenizer_dir):
+    """A tiny random Gemma 3 whose final norm (x * (1 + weight)) is not zero, which would hide that form."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           initializer_range=0.2)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.model.norm.weight.data.normal_(0, 0.3)
+    return model
+
+
 def test_folding_divides_every_logit_by_t(tiny_model_dir, records):
     model = _model(tiny_model_dir, 1.0)
     ids = torch.tensor([records[1]["input_ids"]])
@@ -87,15 +101,7 @@ def test_folding_divides_every_logit_by_t(tiny_model_dir, records):
 
 
 def test_gemma_norm_is_scaled_through_one_plus_its_weight(smollm_tokenizer_dir, records):
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
-    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                           initializer_range=0.2)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    model.model.norm.weight.data.normal_(0, 0.3)  # Gemma's norm computes x * (1 + weight); zeros would hide it
+    model = _tiny_gemma(smollm_tokenizer_dir)
     ids = torch.tensor([records[1]["input_ids"]])
     before = model(input_ids=ids).logits
     folded = C.fold_temperature(model, 2.0, records[0]["input_ids"])
@@ -112,13 +118,20 @@ def test_soft_capped_logits_are_refused_and_the_model_left_as_it_was(tiny_model_
     assert torch.equal(model.model.norm.weight, weight)
 
 
-def test_the_calibrated_adapter_reloads_and_merges_to_the_same_function(tiny_model_dir, records, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _random_adapter(tiny_model_dir, out_dir):
+    """The tiny model with a random (non-zero) LoRA, saved to `out_dir`, in eval mode."""
+    from peft import LoraConfig, get_peft_model
 
     trained = get_peft_model(M.load_model(tiny_model_dir, "fp32"),
                              LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    trained.save_pretrained(tmp_path / "adapter")
-    trained.eval()
+    trained.save_pretrained(out_dir)
+    return trained.eval()
+
+
+def test_the_calibrated_adapter_reloads_and_merges_to_the_same_function(tiny_model_dir, records, tmp_path):
+    from peft import PeftModel
+
+    trained = _random_adapter(tiny_model_dir, tmp_path / "adapter")
     ids = torch.tensor([records[2]["input_ids"]])
     reference = trained(input_ids=ids).logits
     folded = C.fold_temperature(trained, 1.3, records[0]["input_ids"])
@@ -257,15 +270,7 @@ def test_the_chunked_loss_is_the_per_record_mean_and_its_gradient(tiny_model_dir
 
 
 def test_a_vector_folds_into_gemma_and_layernorm_with_a_bias(smollm_tokenizer_dir, records):
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
-    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                           initializer_range=0.2)
-    torch.manual_seed(0)
-    gemma = Gemma3ForCausalLM(cfg).eval()
-    gemma.model.norm.weight.data.normal_(0, 0.3)
+    gemma = _tiny_gemma(smollm_tokenizer_dir)
     _, gpt2 = _tiny("gpt2")
     for model, ids, form in ((gemma, records[1]["input_ids"], "(1 + weight) * s - 1"),
                              (gpt2, [5, 6, 7, 8, 9, 10, 11], "weight * s")):
@@ -314,12 +319,9 @@ def test_folding_checks_a_half_precision_model_to_its_rounding(tiny_model_dir, r
 
 
 def test_a_vector_calibrated_adapter_reloads_and_merges_to_the_folded_function(tiny_model_dir, records, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    trained = get_peft_model(M.load_model(tiny_model_dir, "fp32"),
-                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    trained.save_pretrained(tmp_path / "adapter")
-    trained.eval()
+    trained = _random_adapter(tiny_model_dir, tmp_path / "adapter")
     ids = torch.tensor([records[2]["input_ids"]])
     torch.manual_seed(1)
     C.write_calibrated_adapter(tmp_path / "adapter", tmp_path / "calibrated",
