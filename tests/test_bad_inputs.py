@@ -124,7 +124,8 @@ CASES = [
     ("calibrate-soft-capped-logits", ["model.source={softcapped}"], "calibrate.enabled: the model soft-caps"),
     ("calibrate-head-with-bias", ["model.source={head_bias}"], "calibrate.enabled: the model's LM head has a bias"),
     ("calibrate-norm-trained", ["lora.modules_to_save=[norm]"], "calibrate.enabled: the final norm 'model.norm'"),
-    ("calibrate-vector-logits-scaled", ["model.source={logits_scaled}"], "calibrate.method: the model scales its logits"),
+    ("calibrate-vector-logits-scaled", ["model.source={logits_scaled}", "calibrate.method=vector"],
+     "calibrate.method: the model scales its logits"),
     # store URLs
     ("store-scheme-unsupported", ["storage.url=ftp://host/x"], "storage.url"),
     ("store-s3-without-bucket", ["storage.url=s3://"], "storage.url"),
