@@ -64,6 +64,7 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     from slmforge.config import CalibrateConfig
     from slmforge.evaluation import answer_losses
     from slmforge.merging import load_trained
+    from slmforge.modeling import load_tokenizer
     from slmforge.records import read_jsonl
     from slmforge.runtime import for_config
     from tasks.calibrate import run_calibration
@@ -77,8 +78,6 @@ def test_flow_runs_end_to_end_then_hits_the_cache(prefect_api, tiny_model_dir, t
     assert fit["form"] == "weight * s" and fit["loss_vector"] <= fit["loss_near_t"] + 1e-4, fit
     validation = read_jsonl(store.get_dir(keys["dataset"]) / "validation.jsonl")[:cfg.calibrate.items]
     model = load_trained(store.get_dir(keys["quantized"]), store.get_dir(vector["key"]), for_config(cfg.model))
-    from slmforge.modeling import load_tokenizer
-
     losses = answer_losses(model, validation, cfg.eval.batch_size, load_tokenizer(store.get_dir(trained)).pad_token_id)
     assert sum(losses) / len(losses) == pytest.approx(fit["loss_vector"], abs=1e-3)
     # what it was merged from, for compare's "4bit + adapter" row
