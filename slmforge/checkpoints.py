@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from slmforge import training as T
 from slmforge.storage import MANIFEST, ArtifactStore, StoreError
@@ -18,6 +21,25 @@ KEEP_CHECKPOINTS = 2  # complete checkpoints kept in the store per adapter while
 
 def checkpoint_prefix(key: str) -> str:
     return f"checkpoints/{key}"
+
+
+@contextmanager
+def one_trainer_per_machine(work: Path, log=print) -> Iterator[None]:
+    """Hold the lock of an adapter's local work directory. Two runs of the same settings on one
+    machine share that directory (a retry or re-run resumes from it), so the second waits for the
+    first and then takes the adapter it committed, instead of training into the same checkpoints."""
+    Path(work).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{work}.lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log(f"waiting for another process on this machine that trains this adapter ({work.name}); "
+            "its result is used when it is done")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def store_checkpoints(store: ArtifactStore, prefix: str) -> tuple[list[tuple[int, str]], list[str]]:

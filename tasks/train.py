@@ -21,7 +21,8 @@ from slmforge import fingerprint as code_version
 from slmforge import modeling as M
 from slmforge import runtime as R
 from slmforge import training as T
-from slmforge.checkpoints import checkpoint_prefix, checkpoint_uploader, restore_checkpoint, store_checkpoints  # noqa: F401
+from slmforge.checkpoints import (checkpoint_prefix, checkpoint_uploader, one_trainer_per_machine,  # noqa: F401
+                                  restore_checkpoint, store_checkpoints)
 from slmforge.config import LoraSettings, ModelConfig, TrainConfig, StorageConfig
 from slmforge.model_shape import ModelShape
 from slmforge.records import read_jsonl
@@ -84,16 +85,27 @@ def run_training(dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSe
     """Train (or resume) the adapter and commit it to the store: in this process, or with
     `train.processes`/`nnodes` in several, launched by torchrun (`launch_ranks`). Checkpoints go to
     `checkpoints/<adapter key>/checkpoint-N/` every `cfg.save_steps` steps, and a re-run with the same
-    inputs, here or on another machine, resumes from the newest complete one."""
+    inputs, here or on another machine, resumes from the newest complete one. A second run of the same
+    inputs on this machine waits for the first and returns the adapter it committed."""
     key = adapter_key(dataset, base, lora, cfg)
     if store.exists(key):
         return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
+    work = store.cache_dir / "checkpoints" / key  # local working copy; the store holds the durable one
+    with one_trainer_per_machine(work, log):
+        if store.exists(key):  # committed by the run this one waited for
+            return {"key": key, "uri": store.uri(key), **store.manifest(key)["meta"]}
+        return _train_and_commit(key, work, dataset, base, model_cfg, lora, cfg, store, progress, halvings, log,
+                                 attempt)
+
+
+def _train_and_commit(key: str, work: Path, dataset: dict, base: dict, model_cfg: ModelConfig, lora: LoraSettings,
+                      cfg: TrainConfig, store: ArtifactStore, progress, halvings: int, log, attempt: int) -> dict:
+    """`run_training`'s body, under the adapter's lock."""
     micro, accum = micro_batch_after_ooms(cfg, halvings)
     plan = R.plan_processes(cfg, micro_batch=micro)
     if plan.distributed:
         micro, accum = plan.micro_batch, plan.grad_accum
         log(f"processes: {plan.reason} ({plan.backend})")
-    work = store.cache_dir / "checkpoints" / key  # local working copy; the store holds the durable one
     work.mkdir(parents=True, exist_ok=True)
     resume_step = restore_checkpoint(store, checkpoint_prefix(key), work, log)
     rt = R.for_config(model_cfg, cfg)

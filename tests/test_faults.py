@@ -202,6 +202,48 @@ def test_training_killed_after_a_checkpoint_resumes_from_the_store(prepared, tmp
     assert record["train"]["train_loss"] == pytest.approx(reference["train"]["train_loss"], rel=1e-3)
 
 
+def test_two_runs_of_one_adapter_on_one_machine_train_it_once(prepared, tmp_path, monkeypatch):
+    """Two processes train the same adapter at once with one cache directory (two identical runs
+    started together: CI's concurrency test once failed when one removed the checkpoints the other
+    was writing). The test holds the adapter's lock until both wait on it; then one trains and
+    commits, the other takes that adapter without training, and both succeed."""
+    from slmforge.checkpoints import one_trainer_per_machine
+    from tasks.train import adapter_key
+
+    store = _copy_store(prepared, tmp_path / "store")
+    lora, train = LoraSettings(), TrainConfig(**TRAIN)
+    key = adapter_key(prepared.dataset, prepared.base, lora, train)
+    args = {"dataset": prepared.dataset, "base": prepared.base, "model": prepared.model.model_dump(),
+            "lora": lora.model_dump(), "train": train.model_dump(), "store": store.url}
+    cache = tmp_path / "machine"
+    monkeypatch.setenv("SLMFORGE_CACHE_DIR", str(cache))
+    work = ArtifactStore(store.url).cache_dir / "checkpoints" / key  # as the runs' stage computes it
+    env = {k: v for k, v in os.environ.items() if k not in ("SLMFORGE_INJECT_FAULT", "SLMFORGE_CACHE_DIR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT), SLMFORGE_CACHE_DIR=str(cache))
+    procs, logs = {}, {}
+    with one_trainer_per_machine(work, log=_quiet):
+        for name in ("a", "b"):
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps({**args, "out": str(tmp_path / f"{name}-out.json")}))
+            logs[name] = tmp_path / f"{name}.log"
+            procs[name] = subprocess.Popen([sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=env,
+                                           stdout=logs[name].open("w"), stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not all("waiting for another process" in logs[n].read_text() for n in procs):
+            assert all(p.poll() is None for p in procs.values()), {n: logs[n].read_text()[-2000:] for n in procs}
+            assert time.monotonic() < deadline, {n: logs[n].read_text()[-2000:] for n in procs}
+            time.sleep(0.5)
+    for name, p in procs.items():
+        assert p.wait(timeout=600) == 0, logs[name].read_text()[-3000:]
+    trained = [n for n in procs if "adapter: " in logs[n].read_text()]
+    assert len(trained) == 1, {n: logs[n].read_text()[-2000:] for n in procs}
+    other = "b" if trained == ["a"] else "a"
+    assert "runtime:" not in logs[other].read_text(), "the second run loaded no model"
+    records = [json.loads((tmp_path / f"{n}-out.json").read_text()) for n in procs]
+    assert records[0] == records[1] and records[0]["key"] == key
+    store.get_dir(key, verify="full")
+
+
 def test_a_partial_checkpoint_upload_is_ignored_and_cleaned(prepared, tmp_path):
     """checkpoint-4 was cut off mid-upload (no manifest): the restore uses checkpoint-2 and removes it."""
     from tasks.train import restore_checkpoint
