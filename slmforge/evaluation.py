@@ -77,13 +77,18 @@ def answer_token_logits(model, records: list[dict], batch_size: int, pad_id: int
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
+        # The answers sit at the end of each row: the LM head runs from the batch's first labelled
+        # position on (as in training), not over the prompts, which are most of each row.
+        labelled = (labels[:, 1:] != -100).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else width - 1
         with torch.no_grad():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=hidden)
-        logits = out.hidden_states[-1] if hidden else out.logits
-        shift_labels = labels[:, 1:].to(device)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=hidden,
+                        logits_to_keep=1 if hidden else width - first)
+        scores = out.hidden_states[-1][:, first:] if hidden else out.logits
+        shift_labels = labels[:, 1 + first:].to(device)
         where = shift_labels != -100
         row = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(shift_labels)
-        yield logits[:, :-1][where].float(), shift_labels[where], row[where]
+        yield scores[:, :-1][where].float(), shift_labels[where], row[where]
 
 
 def per_record_mean(values: torch.Tensor, row: torch.Tensor, n: int) -> torch.Tensor:

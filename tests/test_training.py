@@ -23,6 +23,20 @@ def _records(tok, n=16):
     return out
 
 
+def test_answer_losses_are_the_models_own_loss_per_record(tiny_model_dir):
+    """The evaluation's answer loss (the LM head run from the batch's first labelled position on) is
+    the model's own cross-entropy of each record alone, with rows of different lengths in a batch
+    and labels that start mid-answer (the key words only)."""
+    tok = M.load_tokenizer(tiny_model_dir)
+    model = M.load_model(tiny_model_dir, "weights")
+    recs = _records(tok, 5) + _fact_records(tok, "answer")[1][:5]
+    losses = answer_losses(model, recs, 4, tok.pad_token_id)
+    with torch.no_grad():
+        own = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item()
+               for r in recs]
+    assert losses == pytest.approx(own, rel=1e-4)
+
+
 def test_nf4_qlora_learns_with_fp32_adapter(tiny_model_dir, tmp_path):
     tok = M.load_tokenizer(tiny_model_dir)
     recs = _records(tok)
