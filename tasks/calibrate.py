@@ -19,6 +19,15 @@ from tasks.caching import STAGE_CACHE
 from tasks.retry import gpu_retry, run_gpu_stage
 
 
+def calibrated_key(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConfig, eval_cfg: EvalConfig,
+                   model_cfg: ModelConfig) -> str:
+    """Everything that decides the calibrated adapter: the vector's pull and iterations only when the
+    method is `vector` (a temperature run that changes them reuses its output); the batch, since it
+    decides the padding and so the last bits of the fit."""
+    settings = cfg.model_dump(exclude={"l2", "steps"} if cfg.method == "temperature" else None)
+    return f"calibrated/{content_hash([adapter['key'], base['quantized']['key'], dataset['key'], settings, eval_cfg.batch_size, model_cfg.model_dump(), code_version.fingerprint()])}"
+
+
 def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConfig, eval_cfg: EvalConfig,
                     store: ArtifactStore, log=print, model_cfg: ModelConfig = ModelConfig()) -> dict:
     """The calibrated adapter's record (`calibrated/<key>`, with the trained adapter's metadata and
@@ -30,8 +39,7 @@ def run_calibration(adapter: dict, base: dict, dataset: dict, cfg: CalibrateConf
     if not records:
         log("no validation split: no temperature fitted; the adapter is merged and published as trained")
         return adapter
-    # the batch decides the padding, and so the last bits of the fitted T
-    key = f"calibrated/{content_hash([adapter['key'], base['quantized']['key'], dataset['key'], cfg.model_dump(), eval_cfg.batch_size, model_cfg.model_dump(), code_version.fingerprint()])}"
+    key = calibrated_key(adapter, base, dataset, cfg, eval_cfg, model_cfg)
     if not store.exists(key):
         adapter_dir = store.get_dir(adapter["key"])
         rt = for_config(model_cfg)

@@ -332,3 +332,20 @@ def test_a_vector_calibrated_adapter_reloads_and_merges_to_the_folded_function(t
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(reloaded.merge_and_unload()(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_calibrated_key_holds_the_vectors_settings_only_for_the_vector():
+    """A temperature run that changes `calibrate.l2` or `steps` (which only the vector reads) reuses
+    its calibrated adapter; a vector run, or another method, does not."""
+    from slmforge.config import CalibrateConfig, EvalConfig, ModelConfig
+    from tasks.calibrate import calibrated_key
+
+    inputs = ({"key": "adapters/a"}, {"quantized": {"key": "models/quantized/q"}}, {"key": "datasets/d"})
+
+    def key(**settings):
+        return calibrated_key(*inputs, CalibrateConfig(**settings), EvalConfig(), ModelConfig())
+
+    assert key() == key(l2=10.0, steps=5)
+    assert key(method="vector") != key(method="vector", l2=10.0) != key(method="vector", l2=10.0, steps=5)
+    assert key() != key(method="vector") and key() != key(items=8)
+    assert calibrated_key(*inputs, CalibrateConfig(), EvalConfig(batch_size=4), ModelConfig()) != key()
