@@ -132,9 +132,11 @@ def aggregate(items: list[dict]) -> dict:
 
 
 def evaluate_model(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int,
-                   seed: int = 0, progress=None) -> dict:
-    """Answers, per-item scores and aggregates for one model on the held-out records."""
-    answers = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, seed, progress)
+                   seed: int = 0, progress=None, generation_batch_size: int | None = None) -> dict:
+    """Answers, per-item scores and aggregates for one model on the held-out records. `batch_size`
+    rows per answer-loss pass; `generation_batch_size` (default: the same) rows per generation."""
+    answers = generate_answers(model, tokenizer, records, max_new_tokens, generation_batch_size or batch_size,
+                               seed, progress)
     losses = answer_losses(model, records, batch_size, tokenizer.pad_token_id)
     items = []
     for rec, ans, loss in zip(records, answers, losses):

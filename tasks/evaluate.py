@@ -63,7 +63,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
     tokenizer = M.load_tokenizer(store.get_dir(merged["key"]))
     # The base's answers depend only on the base, the test split, generation and the code: a run that
     # changes only training (another seed, learning rate, epochs) reuses them instead of generating again.
-    base_key = (f"eval/base/{content_hash([dataset['key'], base['base']['key'], cfg.max_new_tokens, cfg.batch_size, cfg.seed, model_cfg.model_dump(), code_version.fingerprint()])}"
+    base_key = (f"eval/base/{content_hash([dataset['key'], base['base']['key'], cfg.max_new_tokens, cfg.batch_size, cfg.generation_batch_size, cfg.seed, model_cfg.model_dump(), code_version.fingerprint()])}"
                 ".json")
     results = {}
     for name, load in candidates:
@@ -73,7 +73,8 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
             continue
         model = load()
         log(f"evaluating {name} on {len(test)} held-out questions")
-        results[name] = evaluate_model(model, tokenizer, test, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+        results[name] = evaluate_model(model, tokenizer, test, cfg.max_new_tokens, cfg.batch_size, cfg.seed,
+                                       generation_batch_size=cfg.generation_batch_size)
         if name == "base":
             store.write_json(base_key, results[name])
         del model
@@ -90,7 +91,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
     report = {
         "summary": {n: r["summary"] for n, r in results.items()},
         "items": {n: r["items"] for n, r in results.items()},
-        "generation": {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+        "generation": {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.generation_batch_size,
                        "seed": cfg.seed, "dtype": rt.weights_dtype},
         "runtime": rt.to_dict(),
         "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"]},

@@ -8,7 +8,7 @@ from slmforge import modeling as M
 from slmforge import training as T
 from slmforge.config import LoraSettings, TrainConfig
 from slmforge.records import encode_example
-from slmforge.evaluation import answer_losses
+from slmforge.evaluation import answer_losses, evaluate_model
 from slmforge.lora_targets import check_lora_targets, module_names
 
 
@@ -35,6 +35,31 @@ def test_answer_losses_are_the_models_own_loss_per_record(tiny_model_dir):
         own = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item()
                for r in recs]
     assert losses == pytest.approx(own, rel=1e-4)
+
+
+def test_evaluation_generates_in_batches_of_its_own_size_with_the_same_answers(tiny_model_dir):
+    """`eval.generation_batch_size` sets the generation's rows per batch and `eval.batch_size` the
+    loss pass's; left padding keeps each greedy answer what it is alone or in a smaller batch."""
+    tok = M.load_tokenizer(tiny_model_dir)
+    model = M.load_model(tiny_model_dir, "weights")
+    recs = []
+    for i, r in enumerate(_records(tok, 7)):
+        first = next(j for j, label in enumerate(r["labels"]) if label != -100)
+        recs.append({**r, "id": str(i), "prompt_ids": r["input_ids"][:first], "key": str(23 + 3 * i),
+                     "messages": [{"role": "user", "content": tok.decode(r["input_ids"][:first])},
+                                  {"role": "assistant", "content": tok.decode(r["input_ids"][first:])}]})
+    rows = {"generate": [], "forward": []}
+    generate = model.generate
+    model.generate = lambda input_ids, **kw: rows["generate"].append(len(input_ids)) or generate(input_ids=input_ids, **kw)
+    model.register_forward_pre_hook(lambda m, args, kw: rows["forward"].append(len(kw["input_ids"])), with_kwargs=True)
+    together = evaluate_model(model, tok, recs, 6, batch_size=3, generation_batch_size=7)
+    assert rows["generate"] == [7]
+    assert [n for n in rows["forward"] if n != 7] == [3, 3, 1]  # the loss passes; every generation step has 7 rows
+    rows["generate"].clear()
+    alone = evaluate_model(model, tok, recs, 6, batch_size=3, generation_batch_size=1)
+    assert rows["generate"] == [1] * 7
+    assert [i["answer"] for i in together["items"]] == [i["answer"] for i in alone["items"]]
+    assert together["summary"] == alone["summary"]
 
 
 def test_nf4_qlora_learns_with_fp32_adapter(tiny_model_dir, tmp_path):
