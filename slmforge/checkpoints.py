@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +25,12 @@ def checkpoint_prefix(key: str) -> str:
 
 
 @contextmanager
-def one_trainer_per_machine(work: Path, log=print) -> Iterator[None]:
+def one_trainer_per_machine(work: Path, log=print, remind_every_s: float = 600) -> Iterator[None]:
     """Hold the lock of an adapter's local work directory. Two runs of the same settings on one
     machine share that directory (a retry or re-run resumes from it), so the second waits for the
-    first and then takes the adapter it committed, instead of training into the same checkpoints."""
+    first and then takes the adapter it committed, instead of training into the same checkpoints.
+    A waiting run says so again every `remind_every_s`, so its log shows it is alive (and how long
+    the other one has held the lock, should that one hang)."""
     Path(work).parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(f"{work}.lock")
     try:
@@ -35,7 +38,14 @@ def one_trainer_per_machine(work: Path, log=print) -> Iterator[None]:
     except Timeout:
         log(f"waiting for another process on this machine that trains this adapter ({work.name}); "
             "its result is used when it is done")
-        lock.acquire()
+        started = time.monotonic()
+        while True:
+            try:
+                lock.acquire(timeout=remind_every_s)
+                break
+            except Timeout:
+                log(f"still waiting for the other process that trains adapter {work.name} "
+                    f"({(time.monotonic() - started) / 60:.0f} min; lock file {work}.lock)")
     try:
         yield
     finally:

@@ -244,6 +244,31 @@ def test_two_runs_of_one_adapter_on_one_machine_train_it_once(prepared, tmp_path
     store.get_dir(key, verify="full")
 
 
+def test_a_run_waiting_for_the_adapter_lock_says_so_until_it_gets_it(tmp_path):
+    """A second run of the same adapter waits for the first as long as it trains (hours on a GPU),
+    and its log says again at every reminder that it is waiting, not hung; then it goes on."""
+    from slmforge.checkpoints import one_trainer_per_machine
+
+    work = tmp_path / "checkpoints" / "adapters" / "k"
+    said, entered = [], threading.Event()
+
+    def second():
+        with one_trainer_per_machine(work, log=said.append, remind_every_s=0.1):
+            entered.set()
+
+    with one_trainer_per_machine(work, log=_quiet):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while sum("still waiting" in m for m in said) < 3:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+        assert not entered.is_set()
+    waiter.join(timeout=30)
+    assert entered.is_set(), said
+    assert "waiting for another process" in said[0] and all(f"{work}.lock" in m for m in said[1:]), said
+
+
 def test_a_partial_checkpoint_upload_is_ignored_and_cleaned(prepared, tmp_path):
     """checkpoint-4 was cut off mid-upload (no manifest): the restore uses checkpoint-2 and removes it."""
     from tasks.train import restore_checkpoint
