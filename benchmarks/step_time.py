@@ -8,8 +8,11 @@ defaults" table of step costs.
           ["labelled only, dropout 0", true, 0.0], ["dropout 0", false, 0.0]]'
 
 Each variant: [name, labelled positions only, lora dropout] and, optionally, the 4-bit layers'
-compute dtype (`model.compute_dtype`: auto, float32, bfloat16). Steps: `--steps` (10); the first two
-are left out of the mean (allocation, warm-up). The store (dataset, quantized base) goes under --work.
+compute dtype (`model.compute_dtype`: auto, float32, bfloat16) and whether the micro-batch is joined
+into one padding-free row (`train.padding_free`; false when left out, as the first figures were
+measured), e.g. `[["padded", true, 0.05, "auto", false], ["padding-free", true, 0.05, "auto", true]]`.
+Steps: `--steps` (10); the first two are left out of the mean (allocation, warm-up). The store
+(dataset, quantized base) goes under --work.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from slmforge.storage import ArtifactStore  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variants", help="JSON list of [name, labelled_only, dropout(, compute_dtype)]")
+    ap.add_argument("variants", help="JSON list of [name, labelled_only, dropout(, compute_dtype(, padding_free))]")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slmforge-step-time"))
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
@@ -51,8 +54,9 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}; {R.cpu_features()}; "
           f"rows {len(train)}, mean {sum(len(r['input_ids']) for r in train) / len(train):.1f} tokens", flush=True)
     labelled_only = T.score_labelled_positions_only
-    for name, compact, dropout, *compute in json.loads(args.variants):
-        rt = R.decide(compute[0] if compute else "auto")
+    for name, compact, dropout, *rest in json.loads(args.variants):
+        compute, padding_free = (rest + ["auto", False][len(rest):])[:2]
+        rt = R.decide(compute)
         model = M.load_model(model_dir, "saved", rt)
         tokenizer = M.load_tokenizer(model_dir)
         T.score_labelled_positions_only = labelled_only if compact else contextlib.nullcontext
@@ -65,7 +69,8 @@ def main() -> None:
         out = args.work / "out"
         shutil.rmtree(out, ignore_errors=True)
         _, result = T.train(model, tokenizer, train, None, cfg.lora.model_copy(update={"dropout": dropout}),
-                            cfg.train.model_copy(update={"max_steps": args.steps, "logging_steps": 1}), out,
+                            cfg.train.model_copy(update={"max_steps": args.steps, "logging_steps": 1,
+                                                         "padding_free": padding_free}), out,
                             progress=progress, save_steps=10**6, rt=rt)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])][1:]
         print(f"{name}: {sum(gaps) / len(gaps):.2f} s/step (steps 3-{args.steps}), train loss {result.train_loss}",

@@ -114,6 +114,12 @@ class TrainConfig(_Section):
         "auto", description="Recompute activations to save memory; `auto` = on for GPU, off on CPU."
     )
     packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
+    padding_free: bool | Literal["auto"] = Field(
+        False, description="Join each micro-batch's rows into one row whose position ids restart per example "
+        "(trl's padding_free; attention stays within each example) instead of padding them to the longest: the "
+        "same loss without the pad tokens' work, 11-12% faster steps on the bundled rows on CPU, but other dropout "
+        "draws, and the default run's seed 1 then taught 11 of 32 facts, under the 40% floor (README: Choosing "
+        "the defaults), so off by default. `auto` = on, but not with train.fsdp (untested there).")
     evaluate_each_epoch: bool = Field(False, description="Validation loss after every epoch (one more forward pass "
                                       "over the validation split each time), drawn in the loss curve.")
     logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
@@ -135,6 +141,11 @@ class TrainConfig(_Section):
                        "models that do not fit one GPU in 4-bit (GPUs only; the 4-bit weights are stored in the "
                        "compute dtype, loaded once on CPU and sharded; the merge runs after, in one process).")
 
+    @property
+    def joins_rows(self) -> bool:
+        """Whether micro-batches are padding-free: `padding_free`, with auto resolved."""
+        return (not self.fsdp) if self.padding_free == "auto" else self.padding_free
+
     @field_validator("processes")
     @classmethod
     def _processes(cls, v):
@@ -152,6 +163,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.node_rank: {self.node_rank} is not below train.nnodes ({self.nnodes})")
         if self.fsdp and self.processes == 1 and self.nnodes == 1:
             raise ValueError("train.fsdp: shards over several processes; set train.processes (e.g. auto) too")
+        if self.fsdp and self.padding_free is True:
+            raise ValueError("train.padding_free: not with train.fsdp (untested combination); leave it off or auto")
         if self.fsdp and self.packing:
             raise ValueError("train.fsdp: not with train.packing (untested combination: packed rows are not "
                              "sharded by length)")

@@ -357,6 +357,7 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         use_liger_kernel=rt.liger,  # fused linear cross-entropy (no full logits) and Liger's kernels
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
+        padding_free=cfg.joins_rows,  # packing implies it in trl
         logging_steps=cfg.logging_steps,
         eval_strategy="epoch" if evaluate else "no",
         save_strategy="steps",

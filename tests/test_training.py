@@ -140,6 +140,40 @@ def test_label_smoothing_scores_the_same_positions_as_trl(tiny_model_dir, tmp_pa
     assert _loss_curve(tiny_model_dir, tmp_path / "smooth", 0.1)[0] > trl_curve[0] + 1e-3
 
 
+def _uneven_records(tok, n=8):
+    """Rows of different lengths, so a padded micro-batch holds padding."""
+    out = []
+    for i in range(n):
+        a, b = 3 + i, 20 + 2 * i
+        msgs = [{"role": "user", "content": f"{a} 더하기 {b}는?" + " 정말" * (3 * i)},
+                {"role": "assistant", "content": f"{a} 더하기 {b}는 {a + b}입니다."}]
+        ids, labels = encode_example(tok, msgs)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_padding_free_rows_train_as_the_padded_batch(tiny_model_dir, tmp_path):
+    """`train.padding_free`: a micro-batch joined into one row, positions restarting per
+    example, must give the padded batch's loss step for step; attention leaking from one example
+    into the next would not."""
+    tok = M.load_tokenizer(tiny_model_dir)
+    recs = _uneven_records(tok)
+    assert len({len(r["input_ids"]) for r in recs}) > 4
+    assert not TrainConfig().joins_rows and TrainConfig(padding_free="auto").joins_rows
+    assert not TrainConfig(padding_free="auto", fsdp=True, processes=2).joins_rows
+
+    def curve(padding_free: bool, out: str) -> list[float]:
+        cfg = TrainConfig(max_steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=0, logging_steps=1,
+                          padding_free=padding_free)
+        _, result = T.train(M.load_model(tiny_model_dir, "4bit"), tok, recs, None, LoraSettings(dropout=0.0), cfg,
+                            tmp_path / out)
+        return [h["loss"] for h in result.loss_curve if "loss" in h]
+
+    padded = curve(False, "padded")
+    assert len(padded) == 4
+    assert curve(True, "joined") == pytest.approx(padded, abs=1e-4)
+
+
 def test_lora_target_modules_that_match_nothing_fail_early(tiny_model_dir):
     model = M.load_model(tiny_model_dir, "fp32")
     try:
