@@ -8,6 +8,8 @@ that checkpoint, in bf16 or through bitsandbytes.
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import importlib
 import importlib.util
@@ -185,10 +187,21 @@ def load_config(src: ModelSource):
 
     try:
         if src.kind == "gguf":
-            return AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+            stat = (Path(src.location) / src.gguf_file).stat()
+            return copy.deepcopy(_gguf_config(src.location, src.gguf_file, stat.st_mtime_ns, stat.st_size))
         return AutoConfig.from_pretrained(src.location, revision=src.revision)
     except Exception as e:  # noqa: BLE001
         raise ModelSourceError(f"model.source: cannot read the model config of {src.location}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(location: str, gguf_file: str, mtime_ns: int, size: int):
+    """A GGUF file's config, read once per process: transformers parses every metadata field of the
+    file for it, the tokenizer's vocabulary included (4-5 s for the bundled model on 2 cores), and the
+    command line and the flow's validation both ask. Keyed on the file's time and size."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(location, gguf_file=gguf_file)
 
 
 def load_tokenizer(path_or_src: ModelSource | str | Path):

@@ -349,3 +349,17 @@ def test_the_calibrated_key_holds_the_vectors_settings_only_for_the_vector():
     assert key(method="vector") != key(method="vector", l2=10.0) != key(method="vector", l2=10.0, steps=5)
     assert key() != key(method="vector") and key() != key(items=8)
     assert calibrated_key(*inputs, CalibrateConfig(), EvalConfig(batch_size=4), ModelConfig()) != key()
+
+
+def test_grid_nll_in_row_chunks_is_the_whole_batch_bit_for_bit():
+    """The grid NLL runs a few rows at a time for the CPU's cache; every token's figures must be the
+    ones the whole batch at once gives, in order (a chunk paired with another chunk's targets would not)."""
+    from slmforge.calibration import GRID, _grid_nll
+
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(37, 500) * 4, torch.randint(0, 500, (37,))
+    target = logits.gather(-1, tokens.view(-1, 1)).squeeze(-1)
+    whole = torch.stack([torch.logsumexp(logits / t, -1) - target / t for t in GRID], -1)
+    assert torch.equal(_grid_nll(logits, tokens), whole)
+    assert torch.equal(_grid_nll(logits, tokens, rows=5), whole)
+    assert _grid_nll(logits[:0], tokens[:0]).shape == (0, len(GRID))

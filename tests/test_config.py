@@ -51,3 +51,17 @@ def test_every_setting_is_described_for_help():
     assert {"data.source", "train.learning_rate", "publish.hub_repo", "storage.url"} <= keys
     assert len(keys) == sum(len(s.model_fields) for s in (FinetuneConfig.model_fields[f].annotation
                                                           for f in FinetuneConfig.model_fields))
+
+
+def test_a_gguf_config_is_read_once_and_each_caller_gets_its_own_copy():
+    """The GGUF file's config is parsed once per process (the command line and the flow's validation
+    both ask); a caller that changes its copy must not change what the next caller gets."""
+    from slmforge import modeling as M
+
+    src = M.resolve_source("smollm2-135m-instruct")
+    M._gguf_config.cache_clear()
+    first = M.load_config(src)
+    first.num_hidden_layers = 1
+    second = M.load_config(src)
+    assert second.num_hidden_layers == 30
+    assert M._gguf_config.cache_info().hits == 1 and M._gguf_config.cache_info().misses == 1
