@@ -24,6 +24,7 @@ import torch
 from slmforge.config import LoraSettings, TrainConfig
 from slmforge.lora_targets import check_lora_targets, module_names
 from slmforge.modeling import keep_4bit_unpacked
+from slmforge.padded_dropout import draw_padded_masks
 from slmforge.runtime import Runtime, decide
 
 
@@ -260,6 +261,8 @@ def train(
         warnings.warn("the 4-bit base had been packed for bitsandbytes' CPU inference kernel (no gradients "
                       "there); unpacked it for training", stacklevel=2)
     model = attach_adapter(model, lora, rt.gradient_checkpointing)
+    if cfg.joins_rows:  # a seed draws the padded run's dropout masks, so joining rows only saves time
+        draw_padded_masks(model)
     # arguments and trainer
     args = sft_config(cfg, rt, output_dir, micro_batch, grad_accum, pack_length, evaluate=eval_ds is not None,
                       save_steps=save_steps or getattr(cfg, "save_steps", None)

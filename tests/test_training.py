@@ -152,21 +152,23 @@ def _uneven_records(tok, n=8):
     return out
 
 
-def test_padding_free_rows_train_as_the_padded_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_padding_free_rows_train_as_the_padded_batch(tiny_model_dir, tmp_path, dropout):
     """`train.padding_free`: a micro-batch joined into one row, positions restarting per
-    example, must give the padded batch's loss step for step; attention leaking from one example
-    into the next would not."""
+    example, must give the padded batch's loss step for step, LoRA dropout included (the joined
+    row draws the padded batch's masks, so a seed names the same run either way); attention
+    leaking from one example into the next, or masks drawn over the joined shape, would not."""
     tok = M.load_tokenizer(tiny_model_dir)
     recs = _uneven_records(tok)
     assert len({len(r["input_ids"]) for r in recs}) > 4
-    assert not TrainConfig().joins_rows and TrainConfig(padding_free="auto").joins_rows
+    assert TrainConfig(padding_free="auto").joins_rows and not TrainConfig(padding_free=False).joins_rows
     assert not TrainConfig(padding_free="auto", fsdp=True, processes=2).joins_rows
 
     def curve(padding_free: bool, out: str) -> list[float]:
         cfg = TrainConfig(max_steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=0, logging_steps=1,
                           padding_free=padding_free)
-        _, result = T.train(M.load_model(tiny_model_dir, "4bit"), tok, recs, None, LoraSettings(dropout=0.0), cfg,
-                            tmp_path / out)
+        _, result = T.train(M.load_model(tiny_model_dir, "4bit"), tok, recs, None, LoraSettings(dropout=dropout),
+                            cfg, tmp_path / out)
         return [h["loss"] for h in result.loss_curve if "loss" in h]
 
     padded = curve(False, "padded")
