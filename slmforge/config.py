@@ -115,11 +115,11 @@ class TrainConfig(_Section):
     )
     packing: bool = Field(False, description="Pack several examples into one sequence (padding-free).")
     padding_free: bool | Literal["auto"] = Field(
-        False, description="Join each micro-batch's rows into one row whose position ids restart per example "
-        "(trl's padding_free; attention stays within each example) instead of padding them to the longest: the "
-        "same loss without the pad tokens' work, 11-12% faster steps on the bundled rows on CPU, but other dropout "
-        "draws, and the default run's seed 1 then taught 11 of 32 facts, under the 40% floor (README: Choosing "
-        "the defaults), so off by default. `auto` = on, but not with train.fsdp (untested there).")
+        "auto", description="Join each micro-batch's rows into one row whose position ids restart per example "
+        "(trl's padding_free) instead of padding them to the longest: attention stays within each example and LoRA "
+        "dropout draws the padded batch's masks, so a seed gives the padded run's figures without the pad tokens' "
+        "work (11-12% faster steps on the bundled rows on CPU; README: Choosing the defaults). `auto` = on, but not "
+        "with train.fsdp (untested there).")
     evaluate_each_epoch: bool = Field(False, description="Validation loss after every epoch (one more forward pass "
                                       "over the validation split each time), drawn in the loss curve.")
     logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
