@@ -243,6 +243,8 @@ def train(
 
     With `cfg.packing`, examples are packed padding-free into rows of `max_length` tokens (default:
     the longest record); position ids restart per example, so attention stays within each one.
+    With `cfg.joins_rows` (padding-free, the default), each micro-batch is joined into one such row,
+    and LoRA dropout draws the padded batch's masks (`padded_dropout`), so the run is the padded one.
     Device, mixed precision, optimizer and checkpointing come from `rt` (the runtime decision).
     """
     from transformers import set_seed
