@@ -179,8 +179,11 @@ class Stack:
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        # _sync: Playwright's sync API runs an event loop in this thread, where Prefect's dispatch
+        # would otherwise hand back a coroutine (tests/test_ui.py run on its own hit that)
         with temporary_settings({PREFECT_API_URL: self.api_url}):
-            return run_deployment("finetune/nightly", parameters=parameters, timeout=timeout, poll_interval=2)
+            return run_deployment("finetune/nightly", parameters=parameters, timeout=timeout, poll_interval=2,
+                                  _sync=True)
 
     def task_states(self, flow_run_id) -> dict[str, str]:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
