@@ -118,8 +118,8 @@ class TrainConfig(_Section):
         "auto", description="Join each micro-batch's rows into one row whose position ids restart per example "
         "(trl's padding_free) instead of padding them to the longest: attention stays within each example and LoRA "
         "dropout draws the padded batch's masks, so a seed gives the padded run's figures without the pad tokens' "
-        "work (11-12% faster steps on the bundled rows on CPU; README: Choosing the defaults). `auto` = on, but not "
-        "with train.fsdp (untested there).")
+        "work (13-25% faster steps on the bundled rows on a 2-core CPU; README: Choosing the defaults). "
+        "`auto` = on, but not with train.fsdp (untested there).")
     evaluate_each_epoch: bool = Field(False, description="Validation loss after every epoch (one more forward pass "
                                       "over the validation split each time), drawn in the loss curve.")
     logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
