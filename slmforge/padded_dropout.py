@@ -12,6 +12,8 @@ computation without the pad tokens' work.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ class RowLayout:
 
     def __init__(self) -> None:
         self.lengths: torch.Tensor | None = None
+        self.misfit_warned = False
 
     def read(self, _module, args, kwargs):
         pos = kwargs.get("position_ids")
@@ -43,7 +46,15 @@ class PaddedLayoutDropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lengths = self.layout.lengths
-        if not self.training or self.p == 0 or lengths is None or x.dim() != 3 or x.shape[1] != int(lengths.sum()):
+        if not self.training or self.p == 0 or lengths is None:
+            return super().forward(x)
+        if x.dim() != 3 or x.shape[1] != int(lengths.sum()):
+            # e.g. a module outside the token stream: still dropout, but not the padded run's masks
+            if not self.layout.misfit_warned:
+                self.layout.misfit_warned = True
+                warnings.warn(f"a LoRA input of shape {tuple(x.shape)} does not fit the joined row of "
+                              f"{int(lengths.sum())} tokens: its dropout masks are not the padded run's, so "
+                              "this seed names another run than with train.padding_free=false", stacklevel=2)
             return super().forward(x)
         longest = int(lengths.max())
         # the padded run computes x * noise with noise = F.dropout(ones); 1.0 * noise is noise exactly

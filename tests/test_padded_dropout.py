@@ -1,5 +1,8 @@
 """LoRA dropout on a joined (padding-free) row draws the padded batch's masks."""
 
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +52,20 @@ def test_a_padded_batch_an_eval_pass_and_p_0_use_plain_dropout():
     layout.read(None, (), {"position_ids": positions})
     assert torch.equal(drop.eval()(joined), joined)
     assert torch.equal(PaddedLayoutDropout(0.0, layout).train()(joined), joined)
+
+
+def test_an_input_that_does_not_fit_the_joined_row_warns_once_and_still_drops():
+    joined, _, positions = _joined([3, 2])
+    layout = RowLayout()
+    layout.read(None, (), {"position_ids": positions})
+    drop = PaddedLayoutDropout(0.5, layout).train()
+    other = torch.ones(1, 7, 6)  # 7 tokens, not the row's 5
+    with pytest.warns(UserWarning, match="does not fit the joined row of 5 tokens"):
+        out = drop(other)
+    assert (out == 0).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drop(other)  # once per run, not per layer and step
 
 
 def test_draw_padded_masks_replaces_every_lora_dropout_and_reads_each_batch(tiny_model_dir):
