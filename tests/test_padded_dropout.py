@@ -55,7 +55,7 @@ def test_a_padded_batch_an_eval_pass_and_p_0_use_plain_dropout():
 
 
 def test_an_input_that_does_not_fit_the_joined_row_warns_once_and_still_drops():
-    joined, _, positions = _joined([3, 2])
+    _, _, positions = _joined([3, 2])
     layout = RowLayout()
     layout.read(None, (), {"position_ids": positions})
     drop = PaddedLayoutDropout(0.5, layout).train()
