@@ -52,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one setting (repeatable), e.g. --set modes=[bf16,4bit]")
     cmp.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    gc = sub.add_parser(
+        "gc", help="remove from the store what the retention settings do not keep (--dry-run to see first)",
+        description="Keep the outputs of the last retention.keep_last_runs finetune runs and of a run still going, "
+                    "the published entries (retention.keep_published) with what they were made from, and anything "
+                    "younger than retention.min_age_hours; remove the rest from storage.url, with the Prefect cache "
+                    "records that point at it. Each finetune run does this at its end (retention.after_run).",
+        epilog="example:\n  slmforge gc --dry-run --set retention.keep_last_runs=2 --set storage.url=s3://bucket/slmforge",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gc.add_argument("--config", metavar="FILE.yaml", help="YAML file with the finetune settings (storage, retention)")
+    gc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting (repeatable), e.g. --set retention.keep_last_runs=3")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed and remove nothing")
+    gc.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     rec = sub.add_parser("recommend", help="suggest models for a memory budget and use case (the tutorial's §9)")
     rec.add_argument("--memory-gb", type=float, required=True, help="GPU (or CPU) memory available, in GB")
     rec.add_argument("--use-case", default="general",
@@ -166,13 +179,14 @@ def cmd_finetune(args) -> int:
     if cfg is None:
         return status
     # Fail in seconds, before Prefect starts or any weights load.
-    from tasks.dataset import validate_data
+    from tasks.dataset import gate_metric, validate_data
     from tasks.validate import check_inputs
 
     try:
         store = ArtifactStore.from_config(cfg.storage)
         store.check_writable()
-        validate_data(cfg.data, store)  # bad data fails in seconds, before the model config is read
+        splits, _ = validate_data(cfg.data, store)  # bad data fails in seconds, before the model config is read
+        gate_metric(splits, cfg.eval.primary_metric, cfg.data.source)  # a metric the data cannot yield
         check_inputs(cfg, store_checked=True)
     except (ConfigError, DataError, ModelSourceError, StoreError) as e:
         return _fail(str(e))
@@ -192,6 +206,23 @@ def cmd_finetune(args) -> int:
     print(markdown_table(out["table"]))
     pub = out["publish"]
     print("\n" + (f"Published: {pub['location']}" if pub["published"] else pub["reason"]))
+    print(out["nightly"])
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from slmforge.retention import collect
+    from slmforge.storage import ArtifactStore, StoreError
+
+    cfg, status = _load_or_print(load_config, args)
+    if cfg is None:
+        return status
+    r = cfg.retention
+    try:
+        collect(ArtifactStore.from_config(cfg.storage), r.keep_last_runs, r.keep_published, r.min_age_hours,
+                dry_run=args.dry_run)
+    except StoreError as e:
+        return _fail(str(e))
     return 0
 
 
@@ -244,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend,
+    return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend, "gc": cmd_gc,
             "up": cmd_up, "down": cmd_down}[args.command](args)
 
 

@@ -223,7 +223,10 @@ class EvalConfig(_Section):
         64, ge=1, description="Rows per batched greedy generation. Each new token reads every weight once for the "
         "whole batch, so a larger batch costs less per answer: the bundled base's 64 answers took 29-31 s at 64 "
         "against 47-53 s at 16 on a 2-core CPU, the same answers (benchmarks/generation_batch.py).")
-    primary_metric: Literal["key_accuracy", "char_f1", "exact_match"] = Field("key_accuracy")
+    primary_metric: Literal["auto", "key_accuracy", "chrf", "char_f1", "exact_match"] = Field(
+        "auto", description="The metric the publish gate judges. `auto`: key accuracy when the test split carries "
+        "key facts (a `key` column), else chrF against the reference answers. A metric the data cannot yield "
+        "(key_accuracy without keys) is refused before training.")
     min_improvement: float = Field(
         0.05, description="Publish only if the tuned model beats the base by this much on the primary metric."
     )
@@ -257,6 +260,27 @@ class PublishConfig(_Section):
             return None
         if not re.fullmatch(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}", v) or ".." in v or "--" in v:
             raise ValueError(f"{v!r} is not a Hub repo id of the form `user/name`")
+        return v
+
+
+class RetentionConfig(_Section):
+    """What the store keeps; `slmforge gc` and the step at the end of every finetune run remove the rest."""
+
+    after_run: bool = Field(True, description="Collect at the end of every finetune run (a nightly schedule "
+                            "then keeps its store bounded); `slmforge gc` collects on demand.")
+    keep_last_runs: int = Field(7, ge=1, description="Keep every output the last N finetune runs on this store "
+                                "used or wrote (a week of nightly runs).")
+    keep_published: int | Literal["all"] = Field(
+        "all", description="Published entries to keep per target (Hub repo or dry run), with their adapter, "
+        "merged model and evaluation: `all`, or the newest K.")
+    min_age_hours: float = Field(24.0, ge=0, description="Never remove an output younger than this, nor one "
+                                 "written since a run that is still going started: it may still be read.")
+
+    @field_validator("keep_published")
+    @classmethod
+    def _keep_published(cls, v):
+        if v != "all" and v < 1:
+            raise ValueError("must be at least 1, or all")
         return v
 
 
@@ -296,6 +320,7 @@ class FinetuneConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _fsdp_qlora(self):

@@ -281,20 +281,8 @@ def bundled_files(source: str) -> tuple[list[Path], bool]:
     return [BUNDLED[name] / f"{split}.jsonl" for split in SPLITS], quick
 
 
-def local_files(source: str) -> list[Path] | None:
-    """The local files a source reads (bundled, a path, `file://`), so a cache can hash their bytes;
-    None for a Hub dataset or an object-store URL."""
-    source = source.strip()
-    if source.startswith("bundled:"):
-        return bundled_files(source)[0]
-    if source.startswith("file://"):
-        return [Path(source.removeprefix("file://"))]
-    if source.startswith("hf:") or "://" in source:
-        return None
-    return [Path(source).expanduser()]
-
-
-def _read_source(cfg: DataConfig, report: Report, read_file: Callable[[str], Path] | None) -> list[Row]:
+def _read_source(cfg: DataConfig, report: Report, read_file: Callable[[str], Path] | None,
+                 revision: str | None = None) -> list[Row]:
     source = cfg.source.strip()
     if source.startswith("bundled:"):
         files, quick = bundled_files(source)
@@ -309,7 +297,7 @@ def _read_source(cfg: DataConfig, report: Report, read_file: Callable[[str], Pat
             rows = [r for r, x in zip(rows, raw) if x.get("split") != "train" or x.get("fact") in taught]
         return rows
     if source.startswith("hf:"):
-        return read_hf_dataset(source[3:], cfg, report)
+        return read_hf_dataset(source[3:], cfg, report, revision)
     if source.startswith("file://"):
         return read_rows(Path(source[len("file://"):]), report)
     if "://" in source:
@@ -340,16 +328,17 @@ def _read_prefixed(path: Path, report: Report) -> list[Row]:
     return rows
 
 
-def load_examples(cfg: DataConfig, read_file: Callable[[str], Path] | None = None
+def load_examples(cfg: DataConfig, read_file: Callable[[str], Path] | None = None, revision: str | None = None
                   ) -> tuple[dict[str, list[Example]], Report]:
     """Source -> examples per split, validated. Raises DataError past `max_bad_fraction`, with
     the report attached as `error.report` once any row was read.
 
     `read_file(uri) -> local Path` fetches object-store files; local paths need nothing.
+    `revision`: the Hub commit an `hf:` dataset was pinned to (slmforge.identity).
     """
     report = Report(cfg.source.strip(), max_bad_fraction=cfg.max_bad_fraction)
     try:
-        rows = _read_source(cfg, report, read_file)
+        rows = _read_source(cfg, report, read_file, revision)
         if not report.rows:
             raise DataError(f"data.source: {report.source} holds no rows")
         examples = [ex for row in rows if (ex := to_example(row, cfg, report)) is not None]

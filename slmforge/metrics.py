@@ -97,3 +97,18 @@ def score_answer(prediction: str, reference: str, keys: list[str] | None) -> dic
 def mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def gate_metric(requested: str, test_rows: int, test_rows_with_keys: int) -> tuple[str, str]:
+    """(metric the gate judges, why). `auto` takes key accuracy (over the rows that have key facts)
+    when the test split carries any, else chrF: every Q&A set has reference answers. Raises
+    ValueError naming `eval.primary_metric` when key accuracy is asked of a split without key facts."""
+    if requested == "auto":
+        if test_rows_with_keys:
+            return "key_accuracy", (f"eval.primary_metric=auto: {test_rows_with_keys} of {test_rows} test rows "
+                                    "have key facts")
+        return "chrf", "eval.primary_metric=auto: no test row has key facts, so chrF against the reference answers"
+    if requested == "key_accuracy" and not test_rows_with_keys:
+        raise ValueError("eval.primary_metric: key_accuracy needs key facts, but no test row has one (no `key` "
+                         "column, or data.key_field names another); set eval.primary_metric to auto or chrf")
+    return requested, f"eval.primary_metric={requested}"

@@ -38,7 +38,7 @@ def gate(primary: str, candidate: float | None, base: float | None, min_improvem
          last_published: float | None) -> tuple[bool, str]:
     """Publish only a clear improvement over the base that is no worse than what is already out."""
     if candidate is None or base is None:
-        return False, f"not published: {primary} could not be computed (no key facts in the test split?)"
+        return False, f"not published: {primary} could not be computed on the test split"
     if candidate < base + min_improvement:
         return False, (f"not published: {primary} {candidate:.3f} does not beat the base {base:.3f} "
                        f"by the required {min_improvement:.3f}")
@@ -70,7 +70,8 @@ def model_card(*, repo_id: str | None, base_model: str | None, base_label: str, 
                metrics_rows: list[dict], summaries: dict[str, dict], primary: str, config: dict,
                fingerprint: str, dataset: str, flow_run: dict | None = None, train: dict | None = None,
                merged: bool = False, revision: str = "main", content_hash: str | None = None,
-               bundled_note: str | None = None, calibration: dict | None = None) -> str:
+               bundled_note: str | None = None, calibration: dict | None = None,
+               data_identity: dict | None = None, model_identity: dict | None = None) -> str:
     """README.md: Hub metadata (base_model, library_name: peft, licence, datasets, model-index with
     the published model's metrics), the before/after tables, how to load it, the training config, the data
     fingerprint and the Prefect flow run it came from."""
@@ -170,8 +171,8 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}"{rev_arg})
 {merged_section}
 ## Provenance
 
-- Data: `{dataset}`, fingerprint `{fingerprint}`
-- {run_line or "Prefect flow run: (run outside Prefect)"}
+- Trained on {(data_identity or {}).get("label") or f"`{dataset}`"} (token fingerprint `{fingerprint}`)
+{f"- Base model: {model_identity['label']}{chr(10)}" if (model_identity or {}).get("label") else ""}- {run_line or "Prefect flow run: (run outside Prefect)"}
 {f"- Result hash: `{content_hash}`{chr(10)}" if content_hash else ""}{f"- Training: {train_line}{chr(10)}" if train_line else ""}
 ## Training configuration
 

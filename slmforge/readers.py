@@ -267,11 +267,12 @@ def read_rows(path: Path, report: Report) -> list[Row]:
     return _read_parquet(path, report)
 
 
-def read_hf_dataset(name: str, cfg: DataConfig, report: Report) -> list[Row]:
+def read_hf_dataset(name: str, cfg: DataConfig, report: Report, revision: str | None = None) -> list[Row]:
     """A Hugging Face dataset through the real `datasets` loaders.
 
     `name` is a Hub id (`org/name`), a packaged builder with `data.hf_data_files` (`json`, `csv`,
-    `parquet`), a local directory of data files, or a directory written by `save_to_disk`."""
+    `parquet`), a local directory of data files, or a directory written by `save_to_disk`.
+    `revision`: the commit the run pinned (slmforge.identity), read instead of `data.hf_revision`."""
     import datasets
 
     report.unit = "row"
@@ -285,7 +286,7 @@ def read_hf_dataset(name: str, cfg: DataConfig, report: Report) -> list[Row]:
                 ds = ds[cfg.split]
         else:
             ds = datasets.load_dataset(name, cfg.hf_config, data_files=cfg.hf_data_files, split=cfg.split,
-                                       revision=cfg.hf_revision)
+                                       revision=revision or cfg.hf_revision)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the name

@@ -9,7 +9,6 @@ cache, and a worker on another machine that shares an S3 store shares the cache 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from slmforge import fingerprint as code_version
 from slmforge.config import StorageConfig
-from slmforge.data import DataError, local_files
 
 
 @dataclass
@@ -30,24 +28,6 @@ class CodeVersion(CachePolicy):
 
 
 STAGE_CACHE = INPUTS + TASK_SOURCE + CodeVersion()
-
-
-@dataclass
-class DataFiles(CachePolicy):
-    """Adds the bytes of a local or bundled data source to the key: one changed row, a new run."""
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str | None:
-        data = inputs.get("data")
-        try:
-            files = local_files(getattr(data, "source", ""))
-        except DataError:  # an unknown bundled name: validation says so, the cache has nothing to hash
-            return None
-        if files is None:
-            return None
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.read_bytes() if f.is_file() else b"missing")
-        return h.hexdigest()
 
 
 def result_storage(storage: StorageConfig):
@@ -68,3 +48,38 @@ def result_storage(storage: StorageConfig):
         block = RemoteFileSystem(basepath=store.uri("prefect-results"), settings=settings)
     block.save(f"slmforge-results-{content_hash(store.url, 10)}", overwrite=True)
     return block
+
+
+class Stages:
+    """Runs the flow's cached stages. A cache hit whose outputs are gone from the store (removed by
+    gc, or by hand) runs the stage again instead of passing on a missing path; each stage's outputs
+    go into the run's record (slmforge.retention), which is what gc keeps. `cached[name]` says
+    which stages were served from the cache."""
+
+    def __init__(self, storage: StorageConfig, run_key: str | None, log):
+        from slmforge.storage import ArtifactStore
+
+        self.results = result_storage(storage)
+        self.store = ArtifactStore.from_config(storage)
+        self.run_key, self.log = run_key, log
+        self.cached: dict[str, bool] = {}
+
+    def __call__(self, stage):
+        from slmforge.retention import present, record_outputs, references
+
+        def run(*args, **kwargs):
+            state = stage.with_options(result_storage=self.results)(*args, return_state=True, **kwargs)
+            record = state.result()
+            cached = state.name == "Cached"
+            if cached and (gone := sorted(k for k in references(record) if not present(self.store, k))):
+                self.log(f"{stage.name}: its cached result names {', '.join(gone)}, no longer in the store: "
+                         "computing it again")
+                state = stage.with_options(result_storage=self.results, refresh_cache=True)(
+                    *args, return_state=True, **kwargs)
+                record, cached = state.result(), False
+            self.cached[stage.name] = cached
+            if self.run_key:
+                record_outputs(self.store, self.run_key, record)
+            return record
+
+        return run

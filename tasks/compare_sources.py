@@ -12,6 +12,7 @@ from slmforge import publish_record
 from slmforge.compare_config import FINETUNE_LATEST
 from slmforge.config import ModelConfig
 from slmforge.storage import MANIFEST, ArtifactStore
+from slmforge.identity import model_identity
 from tasks.model import materialise_base
 
 STORE_PREFIX = "store:"
@@ -73,7 +74,8 @@ def resolve_entry(spec: str, store: ArtifactStore, log=print, materialise: bool 
     label = f"{src.kind}: {src.location}" + (f"/{src.gguf_file}" if src.gguf_file else "")
     if not materialise:
         return {**entry, "kind": "store", "key": None, "source_label": label}
-    base = materialise_base(ModelConfig(source=spec), store, log)
+    model = ModelConfig(source=spec)
+    base = materialise_base(model, store, log, model_identity(model))  # the finetune flow's key for the same model
     return {**entry, "kind": "store", "key": base["key"], "source_label": label, "n_params": base.get("n_params")}
 
 

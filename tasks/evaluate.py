@@ -94,7 +94,9 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
         "generation": {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.generation_batch_size,
                        "seed": cfg.seed, "dtype": rt.weights_dtype},
         "runtime": rt.to_dict(),
-        "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"]},
+        "dataset": {"key": dataset["key"], "fingerprint": dataset["fingerprint"], "source": dataset["source"],
+                    "identity": dataset.get("identity")},
+        "model_identity": base["base"].get("identity"),
         "model": base["base"]["source"],
         "config": run_config,
         "merge": merged.get("merge"),
@@ -108,7 +110,7 @@ def run_evaluation(dataset: dict, base: dict, merged: dict, adapter: dict, cfg: 
     md = markdown_report(report, table, results, samples)
     (staging / "report.md").write_text(md, encoding="utf-8")
     meta = {"summary": {n: r["summary"] for n, r in results.items()}, "table": table, "samples": samples,
-            "primary": cfg.primary_metric}
+            "primary": dataset.get("primary_metric") or cfg.primary_metric, "base_evaluation": base_key}
     store.commit_dir(staging, key, meta=meta)
     return {"key": key, "uri": store.uri(key), **meta}
 
@@ -117,7 +119,8 @@ def markdown_report(report: dict, table: list[dict], results: dict, samples: lis
     t = report.get("train") or {}
     return "\n\n".join([
         "# slmforge fine-tune report",
-        f"Model `{report['model']['location']}`; data `{report['dataset']['source']}` "
+        f"Model {(report.get('model_identity') or {}).get('label') or '`' + report['model']['location'] + '`'}; "
+        f"data {(report['dataset'].get('identity') or {}).get('label') or '`' + report['dataset']['source'] + '`'} "
         f"(fingerprint `{report['dataset']['fingerprint']}`); "
         f"{t.get('steps', '?')} steps, final train loss {t.get('train_loss', '?')}.",
         "Models: `base` before fine-tuning; `trained`, the adapter on the 4-bit base (what training produced, "

@@ -17,13 +17,16 @@ from tasks.retry import crash_on_device_error, gpu_retry
 from slmforge.storage import ArtifactStore, content_hash
 
 
-def base_key(model: ModelConfig) -> str:
-    return f"models/base/{content_hash([model.source, model.revision, code_version.fingerprint()])}"
+def base_key(model: ModelConfig, identity: dict | None = None) -> str:
+    """Follows the model's pinned identity (its files' bytes, its Hub commit), not only its name."""
+    version = (identity or {}).get("version")
+    return f"models/base/{content_hash([model.source, model.revision, version, code_version.fingerprint()])}"
 
 
-def materialise_base(model: ModelConfig, store: ArtifactStore, log=print) -> dict:
-    src = M.resolve_source(model.source, model.revision)
-    key = base_key(model)
+def materialise_base(model: ModelConfig, store: ArtifactStore, log=print, identity: dict | None = None) -> dict:
+    """`identity` (slmforge.identity.model_identity): a Hub model is read at the commit it pinned."""
+    src = M.resolve_source(model.source, (identity or {}).get("revision") or model.revision)
+    key = base_key(model, identity)
     if not store.exists(key):
         log(f"materialising {model.source} into {store.uri(key)}")
         staging = store.staging_dir(key)
@@ -61,13 +64,14 @@ def quantize_base(model: ModelConfig, base: dict, store: ArtifactStore, log=prin
 
 @task(name="load_base_model", cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json",
       **gpu_retry())
-def load_base_model(model: ModelConfig, storage: StorageConfig) -> dict:
+def load_base_model(model: ModelConfig, storage: StorageConfig, identity: dict | None = None) -> dict:
     logger = get_run_logger()
     store = ArtifactStore.from_config(storage)
-    base = materialise_base(model, store, logger.info)
+    base = materialise_base(model, store, logger.info, identity)
     with gpu_slot(), crash_on_device_error():
         quantized = quantize_base(model, base, store, logger.info)
     logger.info("base %s (%s params), quantized footprint %.0f MB", model.source,
                 f"{base.get('n_params', 0) / 1e6:.0f}M", quantized["footprint_bytes"] / 1e6)
-    return {"base": {k: base[k] for k in ("key", "uri", "source", "n_params", "architecture") if k in base},
+    return {"base": {**{k: base[k] for k in ("key", "uri", "source", "n_params", "architecture") if k in base},
+                     "identity": identity},
             "quantized": quantized}

@@ -81,8 +81,11 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
                 run_id: str | None = None, run_url: str | None = None) -> dict:
     """Gate, stage, push (or dry-run), record. Returns a JSON-able record without any secret."""
     pub = cfg.publish
-    primary = cfg.eval.primary_metric
     summary = evaluation["summary"]
+    # `auto` was resolved when the data was read; a dataset record from before that is resolved here
+    primary = dataset.get("primary_metric") or cfg.eval.primary_metric
+    if primary == "auto":
+        primary = "key_accuracy" if summary["base"]["overall"].get("key_accuracy") is not None else "chrf"
     # the gate judges the model that is published: the merged one
     candidate, before = summary["published"]["overall"].get(primary), summary["base"]["overall"].get(primary)
     target = pub.hub_repo or "dry-run"
@@ -136,6 +139,7 @@ def run_publish(cfg: FinetuneConfig, dataset: dict, base: dict, adapter: dict, e
             metrics_rows=evaluation["table"], summaries=summary, primary=primary,
             config=P.redact(cfg.model_dump(mode="json", exclude={"storage"}), secrets),
             fingerprint=dataset["fingerprint"], dataset=dataset["source"], flow_run=run_info,
+            data_identity=dataset.get("identity"), model_identity=base["base"].get("identity"),
             train=adapter.get("train"), calibration=adapter.get("calibration"), merged=pub.push_merged, revision=pub.revision, content_hash=h,
             bundled_note=(f"Trained from slmforge's bundled GGUF build of `{base_id}` (`{cfg.model.source}`, "
                           f"dequantized), so results with the original weights may differ slightly."

@@ -16,7 +16,6 @@ from slmforge import data as D
 from slmforge import records as RC
 from slmforge.config import PROJECT_DIR, DataConfig, ModelConfig, StorageConfig
 from tasks import dataset as T
-from tasks.caching import DataFiles
 from slmforge.storage import MANIFEST, ArtifactStore
 
 
@@ -168,21 +167,25 @@ def test_same_data_same_fingerprint_one_changed_row_a_new_one(tmp_path, model_cf
     assert c["fingerprint"] != a["fingerprint"] and store.exists(c["key"])
 
 
-def test_data_files_cache_key_follows_the_file_bytes(tmp_path):
-    policy = DataFiles()
+def test_a_local_files_identity_follows_its_bytes(tmp_path):
+    """What the cache keys follow (slmforge.identity): one changed row, a new identity."""
+    from slmforge.identity import data_identity
+
     p = _write(tmp_path / "qa.jsonl", _rows())
 
-    def key(source):
-        return policy.compute_key(None, {"data": DataConfig(source=source)}, {})
+    def version(source):
+        return data_identity(DataConfig(source=source))["version"]
 
-    k = key(str(p))
-    assert k == key(f"file://{p}")
+    k = version(str(p))
+    assert k == version(f"file://{p}")
     text = p.read_text(encoding="utf-8")
     p.write_text(text.replace("5 더하기 5는 10입니다.", "5 더하기 5는 열입니다."), encoding="utf-8")
-    assert key(str(p)) != k, "one changed row, a new key"
+    assert version(str(p)) != k, "one changed row, a new identity"
     p.write_text(text, encoding="utf-8")
-    assert key(str(p)) == k
-    assert key("bundled:korean-qa") and key("bundled:korean-qa") != k
+    assert version(str(p)) == k
+    assert version("bundled:korean-qa") and version("bundled:korean-qa") != k
+    with pytest.raises(D.DataError, match="data.source: file not found"):
+        version(str(tmp_path / "nope.jsonl"))
 
 
 # -- bad data: fails in seconds, before any model loads, writing only the report --------------------
@@ -271,14 +274,18 @@ def test_task_artifact_shows_summary_and_problems(tmp_path, model_cfg, monkeypat
     rows[3]["정답"] = None
     p = _write(tmp_path / "qa.jsonl", rows)
     storage = StorageConfig(url=f"file://{tmp_path}/store")
-    record = T.prepare_dataset.fn(DataConfig(source=str(p), **MAPPING), model_cfg, storage)
+    from slmforge.identity import data_identity
+
+    identity = data_identity(DataConfig(source=str(p), **MAPPING))
+    record = T.prepare_dataset.fn(DataConfig(source=str(p), **MAPPING), model_cfg, storage, {"data": identity})
     md = artifacts[0]["markdown"]
-    assert md.startswith(f"Dataset `{record['fingerprint']}` from `{p}`: train ")
+    assert md.startswith(f"Dataset `{record['fingerprint']}` from `{p}` at sha256 `{identity['version'][:12]}`: train ")
+    assert "The publish gate judges `key_accuracy`" in md and record["identity"] == identity
     assert "1 of 40 rows dropped" in md and "| empty_field | 1 | 4 | line 4: `정답` is empty |" in md
     rows[3]["정답"] = rows[9]["정답"] = rows[11]["정답"] = ""
     _write(p, rows)
     with pytest.raises(D.DataError):
-        T.prepare_dataset.fn(DataConfig(source=str(p), **MAPPING), model_cfg, storage)
+        T.prepare_dataset.fn(DataConfig(source=str(p), **MAPPING), model_cfg, storage, {})
     md = artifacts[1]["markdown"]
     assert md.startswith("**Data validation failed**") and "e.g. lines 4, 10, 12" in md and "**Over**" in md
 

@@ -53,12 +53,11 @@ def test_the_cache_policy_and_the_store_keys_follow_it(monkeypatch):
     from prefect.cache_policies import INPUTS, TASK_SOURCE
 
     from slmforge.config import LoraSettings, ModelConfig, TrainConfig
-    from tasks.caching import STAGE_CACHE, CodeVersion, DataFiles
+    from tasks.caching import STAGE_CACHE, CodeVersion
     from tasks.model import base_key
     from tasks.train import adapter_key
 
-    # the policy composes with the others, also with DataFiles as prepare_dataset uses it
-    for policy in (STAGE_CACHE, STAGE_CACHE + DataFiles()):
+    for policy in (STAGE_CACHE,):
         kinds = [type(p) for p in policy.policies]
         assert CodeVersion in kinds and type(TASK_SOURCE) in kinds and type(INPUTS) in kinds, kinds
 
