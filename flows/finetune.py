@@ -55,7 +55,7 @@ def finetune(cfg: FinetuneConfig = FinetuneConfig()) -> dict:
     if all(stage.cached.values()):
         line = f"no new data since {since}: nothing trained (every stage served from the cache)"
     else:
-        line = f"trained on {inputs['data']['label']}" if not stage.cached["train_qlora"] else \
+        line = f"trained on {inputs['data']['label']} from {inputs['model']['label']}" if not stage.cached["train_qlora"] else \
             "the adapter was served from the cache: evaluation or publishing settings changed"
     logger.info(line)
     create_markdown_artifact(key="nightly", markdown=f"**{line}**\n\n{published.get('reason', '')}",
