@@ -4,7 +4,7 @@ Every night adds a dataset, an adapter, a calibrated copy, a merged model and an
 merged 7B is ~15 GB. A run writes `runs/<start>-<id>.json` when it starts and adds the store keys of
 each stage's output as the stage ends. `collect` keeps:
 
-- everything the last `keep_last_runs` runs used or wrote, and everything a run still going has;
+- everything the last `keep_last_runs` runs that ended used or wrote, and what a run still going has;
 - every published entry (or the newest K per target) with the adapter, merged model and evaluation
   it was made from;
 - whatever a kept output's manifest names (a calibrated adapter's trained adapter, a merged model's
@@ -219,8 +219,9 @@ def collect(store: ArtifactStore, keep_last_runs: int, keep_published: int | str
     now = time.time() if now is None else now
     guard = min_age_hours * 3600
     all_runs = runs(store)
-    kept_runs = all_runs[:keep_last_runs]
     running = [r for r in all_runs if r.get("status") == "running" and now - (r.get("updated_at") or 0) < STALE_RUN_S]
+    ended = [r for r in all_runs if r not in running]
+    kept_runs = ended[:keep_last_runs]
     protect_after = min((r.get("started_at") or now for r in running), default=float("inf"))
     published, dropped = _published_kept(store, keep_published)
     roots = {k for r in kept_runs + running for k in r.get("outputs", [])}
@@ -236,8 +237,7 @@ def collect(store: ArtifactStore, keep_last_runs: int, keep_published: int | str
             result.too_young.append(out)
         else:
             doomed.append(out)
-    old_runs = [r for r in all_runs[keep_last_runs:]
-                if r not in running and now - (r.get("updated_at") or r.get("started_at") or 0) >= guard]
+    old_runs = [r for r in ended[keep_last_runs:] if now - (r.get("updated_at") or r.get("started_at") or 0) >= guard]
     if dry_run:
         result.removed, result.runs_removed, result.published_removed = doomed, len(old_runs), dropped
         log(result.summary())
