@@ -104,7 +104,8 @@ def loss_chart(curve: list[dict], path: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title("QLoRA training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:  # a run shorter than logging_steps logs no loss
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -129,7 +130,8 @@ def bars_chart(results: dict[str, dict], path: Path, dimension: str = "by_part",
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(f"{metric.replace('_', ' ')} {dimension.replace('by_', 'by ')}")
-    ax.legend()
+    if train or evals:  # a run shorter than logging_steps logs no loss
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
