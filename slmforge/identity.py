@@ -73,9 +73,12 @@ def object_identity(fs, path: str) -> dict:
     entry = {"path": path, "size": info.get("size"), "etag": etag or None}
     if info.get("VersionId") or info.get("version_id"):
         entry["version_id"] = info.get("VersionId") or info.get("version_id")
-    if not etag and not entry.get("version_id"):  # no version marker: the modification time is the next best
-        modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
-        entry["modified"] = str(modified) if modified is not None else None
+    if not etag and not entry.get("version_id"):  # a filesystem with no version marker: the bytes are
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        entry["sha256"] = h.hexdigest()
     return entry
 
 
@@ -125,7 +128,7 @@ def data_identity(cfg: DataConfig, object_fs=None) -> dict:
             else:
                 fs, path = object_fs(source)
             entry = object_identity(fs, path)
-            version = entry.get("version_id") or f"{entry['etag'] or entry.get('modified')}:{entry['size']}"
+            version = entry.get("version_id") or f"{entry['etag'] or entry.get('sha256')}:{entry['size']}"
             out.update(kind="object", version=version, files=[entry])
         else:
             path = Path(source.removeprefix("file://")).expanduser()

@@ -49,7 +49,7 @@ def _fetch(uri: str, store: ArtifactStore, into: Path, pinned: dict | None = Non
         now = ID.object_identity(fs, path) if pinned else None
     except Exception as e:  # noqa: BLE001 - s3fs/fsspec raise many types; the user needs the URL
         raise D.DataError(f"data.source: cannot read {uri}: {type(e).__name__}: {e}") from None
-    if pinned and any(now.get(k) != pinned.get(k) for k in ("etag", "version_id", "size")):
+    if pinned and any(now.get(k) != pinned.get(k) for k in ("etag", "version_id", "sha256", "size")):
         raise D.DataError(f"data.source: {uri} changed while this run read it (was {pinned.get('etag')}, "
                           f"{pinned.get('size')} bytes; now {now.get('etag')}, {now.get('size')} bytes): run again")
     return local

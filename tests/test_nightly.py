@@ -208,3 +208,28 @@ def test_key_accuracy_on_keyless_data_is_refused_before_training(prefect_api, ti
                           cwd=PROJECT_DIR, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     assert proc.returncode == 2 and "eval.primary_metric" in proc.stderr, proc.stderr[-2000:]
+
+
+# -- a source that cannot be read fails while being pinned, naming it, before anything loads -----------
+
+def test_an_unreadable_source_fails_when_pinned_naming_it(weed, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    from hub_server import LocalHub
+    from slmforge.config import DataConfig, ModelConfig
+    from slmforge.data import DataError
+    from slmforge.identity import data_identity, model_identity
+    from slmforge.modeling import ModelSourceError
+    from tasks.dataset import object_fs
+
+    store = ArtifactStore(f"s3://{weed.bucket}/pin-store", weed.endpoint)
+    missing = f"s3://{weed.bucket}/nowhere/qa.jsonl"
+    with pytest.raises(DataError, match=f"data.source: cannot read {missing}"):
+        data_identity(DataConfig(source=missing), object_fs=lambda u: object_fs(u, store))
+    with LocalHub(tmp_path / "hub") as hub:
+        monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        with pytest.raises(DataError, match="data.source: cannot read hf:team/absent"):
+            data_identity(DataConfig(source="hf:team/absent"))
+        with pytest.raises(ModelSourceError, match="model.source: cannot resolve 'team/absent-model'"):
+            model_identity(ModelConfig(source="team/absent-model"))
