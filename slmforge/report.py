@@ -130,8 +130,7 @@ def bars_chart(results: dict[str, dict], path: Path, dimension: str = "by_part",
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(f"{metric.replace('_', ' ')} {dimension.replace('by_', 'by ')}")
-    if train or evals:  # a run shorter than logging_steps logs no loss
-        ax.legend()
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -189,6 +189,9 @@ def test_keyless_data_is_judged_by_chrf_and_published(prefect_api, tiny_model_di
     states, out = _in_process(cfg)
     assert out["publish"]["primary"] == "chrf" and out["publish"]["published"] is True, out["publish"]
     assert out["publish"]["published_model"] is not None
+    card = (ArtifactStore(cfg.storage.url).get_dir(out["publish"]["location"].split("/store/", 1)[1])
+            / "README.md").read_text()
+    assert f"Trained on `{cfg.data.source}` at sha256 `" in card and "Base model: `" in card, card[:2000]
 
 
 def test_key_accuracy_on_keyless_data_is_refused_before_training(prefect_api, tiny_model_dir, tmp_path):
