@@ -30,7 +30,7 @@ class Hardware:
     gpus: int = 0
     gpu_name: str | None = None
     gpu_bf16: bool = False  # Ampere or newer
-    flash_attn: bool = False  # the flash_attn package is importable
+    flash_attn: bool = False  # the flash_attn package imports (transformers' is_flash_attn_2_available)
     cpu_threads: int = 1
     cpu_cores: int = 1  # logical CPUs of the machine (torch may use fewer threads)
     gpu_free_gb: float | None = None  # free memory of this process's GPU when probed (None: unknown)
@@ -41,11 +41,33 @@ class Hardware:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         free = torch.cuda.mem_get_info(local_rank)[0] / 1e9 if gpus else None
         return cls(gpus=gpus,
-                   gpu_name=torch.cuda.get_device_name(0) if gpus else None,
-                   gpu_bf16=bool(gpus) and torch.cuda.is_bf16_supported(),
-                   flash_attn=importlib.util.find_spec("flash_attn") is not None,
+                   gpu_name=torch.cuda.get_device_name(local_rank) if gpus else None,
+                   gpu_bf16=bool(gpus) and native_bf16(local_rank),
+                   flash_attn=bool(gpus) and flash_attn_importable(),
                    cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1,
                    gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None)
+
+
+def native_bf16(device: int = 0) -> bool:
+    """bf16 in hardware: compute capability 8 (Ampere) or newer. Not `torch.cuda.is_bf16_supported()`,
+    whose default (`including_emulation=True`) answers True on a T4 or V100 too, where bf16 is emulated
+    and FlashAttention 2 does not run."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def flash_attn_importable() -> bool:
+    """FlashAttention 2 usable here: transformers' own test (a `flash-attn` distribution, version
+    >= 2.3.3, CUDA available), then the import itself. Neither `find_spec("flash_attn")` nor that test
+    imports it: a wheel built for another torch or CUDA is found, then fails at the model's load."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # noqa: BLE001 - ImportError, or OSError from a CUDA extension built for another torch
+        return False
+    return True
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -97,6 +119,14 @@ class Runtime:
     def weights_mode(self) -> str:
         """The `load_model` mode of an unquantized load."""
         return LOAD_MODES[self.weights_dtype]
+
+    def for_load(self, dtype: torch.dtype) -> "Runtime":
+        """The runtime of one load in `dtype`: FlashAttention 2 runs only fp16/bf16, so a float32 load
+        (compare's fp32 rows, the merge's fp32 base) takes SDPA, and the record says why."""
+        if self.attn != "flash_attention_2" or dtype not in (torch.float32, torch.float64):
+            return self
+        return replace(self, attn="sdpa", reasons={**self.reasons, "attn": (
+            "sdpa: this load is float32, which FlashAttention 2 does not run (the fp16/bf16 loads use it)")})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +185,9 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
     elif attn == "flash_attention_2" and not (hw.gpus and hw.flash_attn):
         raise RuntimeSettingError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn "
                                   "package; use auto or sdpa")
+    elif attn == "flash_attention_2" and not hw.gpu_bf16:
+        raise RuntimeSettingError(f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU "
+                                  f"(compute capability 8+), not {hw.gpu_name or 'this GPU'}; use auto or sdpa")
     else:
         reasons["attn"] = f"{attn}: set by model.attn_implementation"
     if gradient_checkpointing == "auto":

@@ -255,3 +255,76 @@ def test_the_train_stage_runs_the_memory_plan_for_its_model(tmp_path, tiny_model
     assert "fits without recomputing" in planned.reasons["gradient_checkpointing"]
     assert fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(), rt, 4, 4, 2,
                              log=lambda m: None, hw=H200_FREE)[:2] == (4, 4)  # two OOM halvings: at most 16 >> 2
+
+
+# -- the probe itself, with torch.cuda faked (issue 36) --------------------------------------------
+
+def _fake_cuda(monkeypatch, capability, name, gpus=1, flash=False):
+    """torch.cuda as a machine with `gpus` cards of `capability` would answer. `is_bf16_supported`
+    answers True as torch's default (`including_emulation=True`) does on a T4 or V100."""
+    import transformers.utils
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (15 * 10**9, 16 * 10**9))
+    monkeypatch.setattr(cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda *a, **k: flash)
+
+
+@pytest.mark.parametrize("capability,name,bf16", [((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100", False),
+                                                  ((8, 0), "NVIDIA A100", True), ((9, 0), "NVIDIA H100", True)])
+def test_the_probe_decides_bf16_by_compute_capability_not_emulation(monkeypatch, capability, name, bf16):
+    _fake_cuda(monkeypatch, capability, name)
+    hw = Hardware.probe()
+    assert (hw.gpus, hw.gpu_name, hw.gpu_bf16, hw.gpu_free_gb) == (1, name, bf16, 15.0)
+    rt = decide(hw=hw)
+    assert (rt.compute_dtype, rt.mixed_precision) == (("bfloat16", "bf16") if bf16 else ("float16", "fp16"))
+
+
+def test_the_probe_finds_flash_attention_only_where_it_imports(monkeypatch):
+    """`find_spec` says a flash_attn is there; the probe believes transformers' test and the import."""
+    import importlib
+    import importlib.util
+
+    _fake_cuda(monkeypatch, (9, 0), "NVIDIA H100", flash=False)
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "flash_attn" else real_spec(n, *a))
+    assert Hardware.probe().flash_attn is False
+    _fake_cuda(monkeypatch, (9, 0), "NVIDIA H100", flash=True)  # installed, but built for another torch
+    real_import = importlib.import_module
+
+    def broken(n, *a):
+        if n == "flash_attn":
+            raise ImportError("flash_attn_2_cuda: undefined symbol")
+        return real_import(n, *a)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert Hardware.probe().flash_attn is False
+    monkeypatch.setattr(importlib, "import_module", lambda n, *a: object() if n == "flash_attn" else real_import(n, *a))
+    assert Hardware.probe().flash_attn is True
+
+
+def test_flash_attention_2_set_on_a_gpu_without_bf16_is_refused_naming_the_field():
+    with pytest.raises(RuntimeSettingError, match="model.attn_implementation: flash_attention_2 needs an Ampere.*T4"):
+        decide(attn="flash_attention_2", hw=T4)  # flash_attn installed, but a T4
+    assert decide(attn="flash_attention_2", hw=H200_FLASH).attn == "flash_attention_2"
+
+
+def test_a_float32_load_falls_back_from_flash_attention_to_sdpa_and_says_why(tiny_model_dir):
+    """compare's fp32 rows ask the same runtime as its bf16 rows; FlashAttention 2 refuses float32."""
+    from dataclasses import replace
+
+    from slmforge import modeling as M
+
+    rt = decide(hw=H200_FLASH)
+    assert rt.for_load(torch.bfloat16) is rt
+    fp32 = rt.for_load(torch.float32)
+    assert fp32.attn == "sdpa" and "float32" in fp32.reasons["attn"] and rt.attn == "flash_attention_2"
+    # on this CPU a FlashAttention 2 load fails (no flash_attn): the fp32 load must not ask for it
+    cpu_fa2 = replace(decide(hw=CPU), attn="flash_attention_2")
+    model = M.load_model(tiny_model_dir, "fp32", cpu_fa2)
+    assert model.config._attn_implementation == "sdpa"
