@@ -101,7 +101,7 @@ class Runtime:
     gradient_checkpointing: bool
     optim: str
     reasons: dict = field(default_factory=dict)
-    liger: bool = False  # Liger's fused linear cross-entropy and kernels in training (trl's use_liger_kernel)
+    liger: bool = False  # Liger's layer kernels in training (trl's use_liger_kernel; trl keeps its own LM head loss)
 
     @property
     def on_gpu(self) -> bool:
@@ -199,7 +199,7 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
         checkpointing = bool(gradient_checkpointing)
         reasons["gradient_checkpointing"] = "set by train.gradient_checkpointing"
     liger = bool(hw.gpus) and hw.liger
-    reasons["liger"] = ("on: liger_kernel installed (fused linear cross-entropy: no full logits)" if liger
+    reasons["liger"] = ("on: liger_kernel installed (its layer kernels; trl's chunked LM head computes the loss)" if liger
                         else "off: " + ("needs a GPU (Triton kernels)" if not hw.gpus else "liger_kernel not installed"))
     return Runtime(device=device, device_map=device_map, compute_dtype=compute, weights_dtype=weights,
                    mixed_precision=mixed, attn=attn, gradient_checkpointing=checkpointing, optim=optim,
@@ -223,14 +223,18 @@ class MemoryPlan:
 
 
 def plan_memory(shape, hw: Hardware, *, micro_batch: int, grad_accum: int, cap: int, seq_len: int, lora_r: int,
-                checkpointing: bool | str = "auto", liger: bool = False) -> MemoryPlan:
+                checkpointing: bool | str = "auto", label_smoothing: float = 0.0) -> MemoryPlan:
     """On a GPU with known free memory, the split of this process's share of the effective batch:
     without gradient checkpointing at the largest micro-batch that fits, if one at least as large
     as the configured `micro_batch` does (recomputing costs about a third more compute); else with
     checkpointing at the largest micro-batch that fits. Every micro-batch is a divisor of the share
     and at most `cap`. `checkpointing` True/False (the setting) is kept: only the micro-batch moves.
     On a CPU, or with unknown free memory, the configured split stays. A wrong estimate is caught by
-    the out-of-memory retry, which lowers `cap`."""
+    the out-of-memory retry, which lowers `cap`.
+
+    Full logits (vocabulary x 10 bytes a token) are counted only with `train.label_smoothing`: trl's
+    SFTTrainer otherwise scores through its chunked LM head (`trl.kernels.chunked_logprob`), which
+    never builds them, Liger or not (trl turns Liger's fused cross-entropy off in favour of its own)."""
     from slmforge.memory import lora_training_bytes
 
     share = micro_batch * grad_accum
@@ -241,18 +245,20 @@ def plan_memory(shape, hw: Hardware, *, micro_batch: int, grad_accum: int, cap: 
     if hw.gpu_free_gb is None:
         return replace(keep, reason="free GPU memory unknown: the configured micro-batch")
     budget = hw.gpu_free_gb * GPU_MEMORY_SHARE
+    full_logits = label_smoothing > 0  # the smoothed loss's logits (training.trainer_class); else trl's chunked head
+    logits_note = "full logits counted: train.label_smoothing" if full_logits else "no full logits: trl's chunked LM head"
     sizes = sorted((d for d in range(1, min(cap, share) + 1) if share % d == 0), reverse=True)
 
     def gb(micro: int, ckpt: bool) -> float:
         return lora_training_bytes(shape, r=lora_r, seq_len=seq_len, batch_size=micro, gradient_checkpointing=ckpt,
-                                   full_logits=not liger)["total"] / 1e9
+                                   full_logits=full_logits)["total"] / 1e9
 
     def plan(micro: int, ckpt: bool, why: str) -> MemoryPlan:
         est = gb(micro, ckpt)
         return MemoryPlan(micro, share // micro, ckpt, round(est, 2), round(budget, 2),
                           f"micro-batch {micro} x accumulation {share // micro}, checkpointing {'on' if ckpt else 'off'}"
                           f" ({why}): estimated {est:.1f} GB of {budget:.1f} GB ({GPU_MEMORY_SHARE:.0%} of "
-                          f"{hw.gpu_free_gb:.1f} GB free)")
+                          f"{hw.gpu_free_gb:.1f} GB free; {logits_note})")
 
     if checkpointing == "auto":
         for micro in (m for m in sizes if m >= min(micro_batch, sizes[0])):

@@ -359,7 +359,7 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         fp16=rt.mixed_precision == "fp16",  # with the Trainer's loss scaling
         use_cpu=not rt.on_gpu,
         gradient_checkpointing=False,  # attach_adapter switched it on already where rt says so
-        use_liger_kernel=rt.liger,  # fused linear cross-entropy (no full logits) and Liger's kernels
+        use_liger_kernel=rt.liger,  # Liger's layer kernels (trl keeps its chunked LM head for the loss)
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         padding_free=cfg.joins_rows,  # packing implies it in trl

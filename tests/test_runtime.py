@@ -166,11 +166,11 @@ H200_FREE = Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, gpu_free_gb=
 T4_FREE = Hardware(gpus=1, gpu_name="Tesla T4", gpu_bf16=False, gpu_free_gb=15.0)
 
 
-def _plan(model_id, hw, micro=4, accum=4, cap=None, checkpointing="auto", liger=False, seq_len=512):
+def _plan(model_id, hw, micro=4, accum=4, cap=None, checkpointing="auto", label_smoothing=0.0, seq_len=512):
     from slmforge.runtime import plan_memory
 
     return plan_memory(_shape(model_id), hw, micro_batch=micro, grad_accum=accum, cap=cap or micro * accum,
-                       seq_len=seq_len, lora_r=16, checkpointing=checkpointing, liger=liger)
+                       seq_len=seq_len, lora_r=16, checkpointing=checkpointing, label_smoothing=label_smoothing)
 
 
 def test_a_big_gpu_takes_the_whole_batch_in_one_micro_batch_without_checkpointing():
@@ -199,11 +199,25 @@ def test_an_out_of_memory_retry_caps_the_micro_batch():
     assert (p.micro_batch, p.grad_accum) == (8, 2) and not p.gradient_checkpointing
 
 
-def test_liger_drops_the_logits_from_the_estimate():
+def test_the_plan_counts_full_logits_only_where_the_loss_builds_them():
+    """trl 1.16 scores through its chunked LM head (never the batch x length x vocabulary logits),
+    Liger or not; only slmforge's label-smoothed loss builds them (training.trainer_class)."""
+    from slmforge.memory import lora_training_bytes
+
     tight = Hardware(gpus=1, gpu_name="NVIDIA L4", gpu_bf16=True, gpu_free_gb=24.0)
-    without, with_liger = _plan(QWEN_3B, tight), _plan(QWEN_3B, tight, liger=True)
-    assert with_liger.estimate_gb < without.estimate_gb
-    assert with_liger.micro_batch >= without.micro_batch
+    plain, smoothed = _plan(QWEN_3B, tight), _plan(QWEN_3B, tight, label_smoothing=0.1)
+    shape = _shape(QWEN_3B)
+    fused = lora_training_bytes(shape, r=16, seq_len=512, batch_size=plain.micro_batch,
+                                gradient_checkpointing=plain.gradient_checkpointing, full_logits=False)["total"] / 1e9
+    assert plain.estimate_gb == round(fused, 2) and "chunked LM head" in plain.reason
+    logits = lora_training_bytes(shape, seq_len=512, batch_size=smoothed.micro_batch)["logits"] / 1e9
+    assert logits > 2 and "train.label_smoothing" in smoothed.reason  # Qwen2.5's 152k vocabulary: GBs per batch
+    assert smoothed.estimate_gb >= plain.estimate_gb
+
+
+def test_the_liger_reason_does_not_claim_a_fused_loss():
+    reason = decide(hw=Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, liger=True)).reasons["liger"]
+    assert "layer kernels" in reason and "cross-entropy" not in reason
 
 
 def test_without_free_memory_or_a_gpu_the_configured_split_stays():
@@ -253,6 +267,10 @@ def test_the_train_stage_runs_the_memory_plan_for_its_model(tmp_path, tiny_model
                                               log=lambda m: None, hw=H200_FREE)
     assert (micro, accum, planned.gradient_checkpointing) == (16, 1, False)
     assert "fits without recomputing" in planned.reasons["gradient_checkpointing"]
+    assert "chunked LM head" in planned.reasons["gradient_checkpointing"]
+    smoothed = fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(label_smoothing=0.1), rt, 4, 4, 0,
+                                 log=lambda m: None, hw=H200_FREE)[2]
+    assert "train.label_smoothing" in smoothed.reasons["gradient_checkpointing"]
     assert fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(), rt, 4, 4, 2,
                              log=lambda m: None, hw=H200_FREE)[:2] == (4, 4)  # two OOM halvings: at most 16 >> 2
 
