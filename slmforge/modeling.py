@@ -298,7 +298,7 @@ def on_gpu() -> bool:
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16, quant_type: str = "nf4",
                double_quant: bool = True, quant_storage: str = "uint8"):
     """The tutorial's §4 settings: 8-bit LLM.int8, or 4-bit NF4 with double quant (packed weights
-    stored as uint8, or in the compute dtype for FSDP-QLoRA)."""
+    stored as `quant_storage`, uint8 by default)."""
     from transformers import BitsAndBytesConfig
 
     if mode == "8bit":

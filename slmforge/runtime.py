@@ -291,7 +291,6 @@ class ProcessPlan:
     micro_batch: int
     grad_accum: int
     backend: str  # "nccl" | "gloo"
-    fsdp: bool
     reason: str
 
     @property
@@ -300,7 +299,7 @@ class ProcessPlan:
 
 
 def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | None = None) -> ProcessPlan:
-    """`train.processes`/`nnodes`/`fsdp` + hardware -> ProcessPlan, refused here (naming the field)
+    """`train.processes`/`nnodes` + hardware -> ProcessPlan, refused here (naming the field)
     when the hardware or the batch cannot be split that way. `micro_batch` is a smaller per-step
     micro-batch an out-of-memory retry chose (per process)."""
     hw = hw or Hardware.probe()
@@ -317,9 +316,6 @@ def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | Non
         if not hw.gpus and per_node > max(hw.cpu_cores, 1):
             raise RuntimeSettingError(f"train.processes: {per_node} CPU processes on {hw.cpu_cores} cores")
     world = per_node * train_cfg.nnodes
-    if train_cfg.fsdp and not hw.gpus:
-        raise RuntimeSettingError("train.fsdp: FSDP-QLoRA needs GPUs (bitsandbytes' 4-bit sharding runs on CUDA); "
-                                  "on CPU use train.processes alone (DDP over gloo)")
     if effective % world:
         raise RuntimeSettingError(f"train.batch_size: the effective batch {effective} (batch_size x grad_accum) "
                                   f"does not split over {world} processes; make it a multiple of {world}")
@@ -327,6 +323,6 @@ def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | Non
     micro = min(micro_batch or train_cfg.batch_size, share)
     micro = max(d for d in range(1, micro + 1) if share % d == 0)
     return ProcessPlan(per_node=per_node, world=world, micro_batch=micro, grad_accum=share // micro,
-                       backend="nccl" if hw.gpus else "gloo", fsdp=train_cfg.fsdp,
+                       backend="nccl" if hw.gpus else "gloo",
                        reason=f"{why}; {world} process(es) x micro-batch {micro} x accumulation {share // micro} "
                               f"= effective batch {effective}")
