@@ -35,6 +35,7 @@ class Hardware:
     cpu_cores: int = 1  # logical CPUs of the machine (torch may use fewer threads)
     gpu_free_gb: float | None = None  # free memory of this process's GPU when probed (None: unknown)
     liger: bool = False  # the liger_kernel package is importable (fused linear cross-entropy, kernels)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES when probed (None: not set)
 
     @classmethod
     def probe(cls, local_rank: int = 0) -> "Hardware":
@@ -45,7 +46,13 @@ class Hardware:
                    gpu_bf16=bool(gpus) and native_bf16(local_rank),
                    flash_attn=bool(gpus) and flash_attn_importable(),
                    cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1,
-                   gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None)
+                   gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None,
+                   visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    @property
+    def gpus_hidden(self) -> bool:
+        """No GPU because CUDA_VISIBLE_DEVICES is set to none ("" or -1), not because the machine has none."""
+        return not self.gpus and self.visible_devices is not None and self.visible_devices.strip() in ("", "-1")
 
 
 def native_bf16(device: int = 0) -> bool:
@@ -132,7 +139,8 @@ class Runtime:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.device} (device_map {self.device_map}), 4-bit compute {self.compute_dtype}, weights "
+        where = f"device_map {self.device_map}" if self.on_gpu else self.reasons.get("device_map", "no GPU")
+        return (f"{self.device} ({where}), 4-bit compute {self.compute_dtype}, weights "
                 f"{self.weights_dtype}, mixed precision {self.mixed_precision}, attention {self.attn}, gradient "
                 f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optim}, "
                 f"Liger {'on' if self.liger else 'off'}")
@@ -164,7 +172,8 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
         optim = "adamw_torch_fused"
     else:
         device, device_map = "cpu", "cpu"
-        reasons["device_map"] = "no GPU"
+        reasons["device_map"] = (f"no GPU: CUDA_VISIBLE_DEVICES={hw.visible_devices!r} hides every GPU, so this runs "
+                                 "on the CPU" if hw.gpus_hidden else "no GPU")
         if compute_dtype == "float16":
             raise RuntimeSettingError("model.compute_dtype: float16 needs a GPU (CPUs have no fast float16 "
                                       "matmuls); use auto (float32) or bfloat16")
@@ -316,6 +325,13 @@ def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | Non
         if not hw.gpus and per_node > max(hw.cpu_cores, 1):
             raise RuntimeSettingError(f"train.processes: {per_node} CPU processes on {hw.cpu_cores} cores")
     world = per_node * train_cfg.nnodes
+    if world == 1 and hw.gpus > 1:  # trains in the stage's own process, which already sees every GPU
+        raise RuntimeSettingError(
+            f"train.processes: 1 process but {hw.gpus} GPUs visible: the trainer would spread it over all of them "
+            "with DataParallel, which trl refuses; use auto (one process per GPU), or give the run one GPU "
+            "(CUDA_VISIBLE_DEVICES=0 in the work pool's env)")
+    if hw.gpus_hidden:
+        why += f"; CUDA_VISIBLE_DEVICES={hw.visible_devices!r} hides every GPU: training on the CPU"
     if effective % world:
         raise RuntimeSettingError(f"train.batch_size: the effective batch {effective} (batch_size x grad_accum) "
                                   f"does not split over {world} processes; make it a multiple of {world}")

@@ -189,3 +189,27 @@ def test_other_nodes_get_the_torchrun_command_for_their_rank():
     assert cmd[-3:] == ["-m", "tasks.train_ranks", "s3://b/store/jobs/abc.json"]
     assert "--standalone" in torchrun_command(plan_processes(TrainConfig(processes=2), CPU2), TrainConfig(processes=2),
                                               "job.json")
+
+
+def test_one_process_on_several_gpus_is_refused_and_auto_takes_them_all():
+    """One process seeing several GPUs: HF's Trainer wraps it in DataParallel and trl refuses that."""
+    node = Hardware(gpus=4, gpu_name="NVIDIA A100", gpu_bf16=True)
+    with pytest.raises(RuntimeSettingError, match=r"^train.processes: 1 process but 4 GPUs visible.*auto"):
+        plan_processes(TrainConfig(), node)
+    plan = plan_processes(TrainConfig(processes="auto", batch_size=8), node)
+    assert (plan.per_node, plan.world, plan.backend) == (4, 4, "nccl") and plan.distributed
+    assert plan_processes(TrainConfig(), Hardware(gpus=1, gpu_bf16=True)).world == 1  # one GPU: in the stage
+
+
+def test_gpus_hidden_by_an_empty_device_list_are_said_not_silently_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = Hardware.probe()
+    assert hw.gpus == 0 and hw.gpus_hidden
+    rt = decide(hw=hw)
+    assert rt.device == "cpu" and "CUDA_VISIBLE_DEVICES='' hides every GPU" in rt.describe()
+    assert "hides every GPU" in plan_processes(TrainConfig(), hw).reason
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert not Hardware.probe().gpus_hidden and decide(hw=Hardware.probe()).reasons["device_map"] == "no GPU"
