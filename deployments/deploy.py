@@ -10,7 +10,8 @@ or a remote server:
 What it creates:
 - the work pool `gpu` (type `process`, `docker` or `kubernetes`; at most `--gpu-slots` flow runs
   at once, one per GPU machine: start each machine's worker with `--limit 1`); its base job
-  template's `env` passes CUDA_VISIBLE_DEVICES, the S3 endpoint/region and — when given — the S3
+  template's `env` passes the S3 endpoint/region, CUDA_VISIBLE_DEVICES only when given (else a run
+  uses every GPU its machine or container has: train.processes=auto, one rank each) and — when given — the S3
   keys as references to Secret blocks (`{{ prefect.blocks.secret.… }}`, resolved by the worker),
   so no credential is a flow parameter;
 - the work pool `control` (type `process`, no GPU): the comparison's own flow run, which only
@@ -60,6 +61,13 @@ NOTIFY_BODY = (
 )
 
 
+def check_visible_devices(value: str | None) -> None:
+    """An empty CUDA_VISIBLE_DEVICES hides every GPU: the gpu pool's runs would train on the CPU, silently."""
+    if value is not None and value.strip() in ("", "-1"):
+        raise ValueError(f"--cuda-visible-devices {value!r}: hides every GPU, so the gpu pool's runs would train on "
+                         "the CPU; leave it out to give each run every GPU of its machine, or name GPUs (0,1)")
+
+
 def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: str | None,
             credentials_in_secrets: bool, pool_type: str = "process") -> dict[str, str]:
     """The `env` job variable of the work pool: what every flow run on it starts with. The store's
@@ -67,6 +75,7 @@ def job_env(endpoint_url: str | None, region: str | None, cuda_visible_devices: 
     environment; a container's job definition (docker, kubernetes) would hold the resolved values,
     so there it names the blocks and the flow reads them when it starts."""
     env: dict[str, str] = {GPU_LIMIT_ENV: GPU_LIMIT}
+    check_visible_devices(cuda_visible_devices)
     if cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     if endpoint_url:
@@ -199,7 +208,7 @@ def ensure_crash_rerun(client, deployment_ids: list[str], log=print) -> str:
 
 def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * * *", timezone: str = "UTC",
                storage_url: str = "s3://slmforge/store", endpoint_url: str | None = None,
-               region: str | None = None, cuda_visible_devices: str | None = "0",
+               region: str | None = None, cuda_visible_devices: str | None = None,
                aws_access_key_id: str | None = None, aws_secret_access_key: str | None = None,
                webhook_url: str | None = None, gpu_slots: int = 1, source: Path | str = PROJECT_DIR,
                nightly_config: str | Path | None = None, nightly_overrides: list[str] | tuple[str, ...] = (),
@@ -223,6 +232,7 @@ def deploy_all(api_url: str | None = None, pool: str = POOL, cron: str = "0 2 * 
     nightly = nightly_settings(nightly_config, nightly_overrides)  # a bad setting fails before anything changes
     if gpu_slots < 1:
         raise ValueError(f"--gpu-slots {gpu_slots}: must be 1 or more")
+    check_visible_devices(cuda_visible_devices)
     endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("AWS_ENDPOINT_URL")
     region = region if region is not None else os.environ.get("AWS_DEFAULT_REGION")
     if api_url:
@@ -359,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-url", default="s3://slmforge/store")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default AWS_ENDPOINT_URL; empty for AWS)")
     p.add_argument("--region", default=None, help="default AWS_DEFAULT_REGION")
-    p.add_argument("--cuda-visible-devices", default="0")
+    p.add_argument("--cuda-visible-devices", default=None,
+                   help="GPUs each flow run sees (default: all of its machine's or container's; with "
+                        "train.processes=auto, one training process each)")
     p.add_argument("--gpu-slots", type=int, default=1,
                    help="GPUs in the pool (machines x GPUs per flow run): flow runs of the gpu pool at once and "
                         "slots of the global `gpu` limit (default 1)")

@@ -277,6 +277,7 @@ def benchmark_model(model_dir: str | Path, mode: str, *, examples: list[dict], d
                 row["estimated_bytes"] += sum(p.numel() * p.element_size() for p in extra)
             row["n_params"] = count_parameters(model) - sum(p.numel() for p in extra)
             row["attn_implementation"] = attention_implementation(model)
+            row["attn_reason"] = rt.for_load(M.load_dtype(load_mode, rt)).reasons.get("attn")
             row["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
             row["device"] = str(next(model.parameters()).device)
             row["torch_threads"] = torch.get_num_threads()

@@ -71,8 +71,8 @@ class ModelConfig(_Section):
         "auto", description="Matmul dtype of the 4-bit layers; `auto` = bfloat16 on GPU, float32 on CPU."
     )
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "uint8", description="Storage dtype of the packed 4-bit weights; FSDP-QLoRA (train.fsdp) needs it equal to "
-        "the compute dtype so FSDP can shard them with the other parameters.")
+        "uint8", description="Storage dtype of the packed 4-bit weights (bitsandbytes' bnb_4bit_quant_storage); "
+        "uint8 unless a sharding scheme needs them in a float dtype.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; `auto` picks FlashAttention 2 when installed on GPU, else SDPA."
     )
@@ -91,6 +91,16 @@ class LoraSettings(_Section):
         default_factory=list,
         description="Fully trained modules; leave empty unless tokens were added (costs memory and speed).",
     )
+
+
+# Why train.fsdp=true is refused (read from the installed libraries; never run on a GPU): each rank
+# loads the whole 4-bit model onto its GPU before any FSDP setting exists; transformers 5 defaults
+# to FSDP2, which ignores use_orig_params/sync_module_states, and accelerate's FSDP2 auto-wrap
+# returns None for peft's wrap policy (only the root would be sharded); peft's fp32 upcast of the
+# non-4-bit parameters mixes dtypes in one flat shard; and rank 0 alone saves a sharded model.
+FSDP_REFUSED = ("train.fsdp: FSDP-QLoRA is not supported (not verified on a GPU, and under transformers 5's FSDP2 "
+                "the settings it needs are not applied); leave it false: train.processes trains DDP with a whole "
+                "4-bit replica per GPU, enough for models that fit one GPU in 4-bit (a 7B in NF4 is ~5 GB)")
 
 
 class TrainConfig(_Section):
@@ -118,8 +128,7 @@ class TrainConfig(_Section):
         "auto", description="Join each micro-batch's rows into one row whose position ids restart per example "
         "(trl's padding_free) instead of padding them to the longest: attention stays within each example and LoRA "
         "dropout draws the padded batch's masks, so a seed gives the padded run's figures without the pad tokens' "
-        "work (13-25% faster steps on the bundled rows on a 2-core CPU; README: Choosing the defaults). "
-        "`auto` = on, but not with train.fsdp (untested there).")
+        "work (13-25% faster steps on the bundled rows on a 2-core CPU; README: Choosing the defaults). `auto` = on.")
     evaluate_each_epoch: bool = Field(False, description="Validation loss after every epoch (one more forward pass "
                                       "over the validation split each time), drawn in the loss curve.")
     logging_steps: int = Field(5, ge=1, description="Log the loss (and draw it in the loss curve) every N steps.")
@@ -137,14 +146,13 @@ class TrainConfig(_Section):
     node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node-rank); 0 runs the flow.")
     rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0's address) when "
                                       "nnodes > 1 (torchrun --rdzv-endpoint, c10d backend).")
-    fsdp: bool = Field(False, description="FSDP-QLoRA: shard the 4-bit base and the adapter over the processes, for "
-                       "models that do not fit one GPU in 4-bit (GPUs only; the 4-bit weights are stored in the "
-                       "compute dtype, loaded once on CPU and sharded; the merge runs after, in one process).")
+    fsdp: bool = Field(False, description="FSDP-QLoRA. Not supported: `true` is refused. train.processes trains "
+                       "DDP with a whole 4-bit replica per GPU instead.")
 
     @property
     def joins_rows(self) -> bool:
         """Whether micro-batches are padding-free: `padding_free`, with auto resolved."""
-        return (not self.fsdp) if self.padding_free == "auto" else self.padding_free
+        return True if self.padding_free == "auto" else self.padding_free
 
     @field_validator("processes")
     @classmethod
@@ -161,13 +169,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.rdzv_endpoint: expected host:port, got {self.rdzv_endpoint!r}")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"train.node_rank: {self.node_rank} is not below train.nnodes ({self.nnodes})")
-        if self.fsdp and self.processes == 1 and self.nnodes == 1:
-            raise ValueError("train.fsdp: shards over several processes; set train.processes (e.g. auto) too")
-        if self.fsdp and self.padding_free is True:
-            raise ValueError("train.padding_free: not with train.fsdp (untested combination); leave it off or auto")
-        if self.fsdp and self.packing:
-            raise ValueError("train.fsdp: not with train.packing (untested combination: packed rows are not "
-                             "sharded by length)")
+        if self.fsdp:
+            raise ValueError(FSDP_REFUSED)
         return self
 
 
@@ -321,23 +324,6 @@ class FinetuneConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
-
-    @model_validator(mode="after")
-    def _fsdp_qlora(self):
-        if self.train.fsdp and self.model.quant_storage == "uint8":
-            raise ValueError("train.fsdp: FSDP-QLoRA shards the 4-bit weights with the others, so they must be stored "
-                             "in the compute dtype: set model.quant_storage (bfloat16 on Ampere or newer GPUs)")
-        if (self.train.fsdp and self.model.compute_dtype != "auto"
-                and self.model.quant_storage != self.model.compute_dtype):
-            raise ValueError(f"model.quant_storage: {self.model.quant_storage} differs from model.compute_dtype "
-                             f"{self.model.compute_dtype}; FSDP-QLoRA needs them equal")
-        if self.train.fsdp and self.model.compute_dtype == "float32":
-            raise ValueError("train.fsdp: FSDP-QLoRA stores the 4-bit weights in the compute dtype; model.compute_dtype "
-                             "float32 would store them in 32 bits (use auto or bfloat16)")
-        if self.train.fsdp and not self.model.load_in_4bit:
-            raise ValueError("train.fsdp: this is FSDP-QLoRA (a 4-bit base); with model.load_in_4bit false use "
-                             "plain DDP (train.processes)")
-        return self
 
 
 class ConfigError(ValueError):

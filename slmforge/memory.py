@@ -171,7 +171,8 @@ def activation_bytes(
     * checkpointing: each layer keeps only its input (``h`` in ``hidden_dtype``) and one layer's
       set is rebuilt at a time during backward;
     * logits: ``vocab × 10`` bytes per token when the loss is taken on full logits (transformers'
-      own loss); 0 with a fused/chunked LM-head loss (trl ≥ 1 SFTTrainer, Liger).
+      own loss; slmforge's label-smoothed loss); 0 with trl ≥ 1 SFTTrainer's chunked LM head, which
+      scores tiles of the vocabulary and never builds them (with or without Liger).
 
     Not validated against GPU peaks here: autocast, kernels and the allocator move it; read it as
     the size of the term, not a guarantee.

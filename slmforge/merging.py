@@ -37,6 +37,15 @@ def load_trained(quantized_dir: Path, adapter_dir: Path, rt: Runtime):
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
+def check_runtime(rt: Runtime) -> Runtime:
+    """The runtime both sides of the published-model check load in: float32 weights and 4-bit compute
+    on `rt`'s device, whatever training used. The tolerances (merge.max_logit_diff) were measured in
+    float32; in bf16 both sides round each matmul, and the maximum over many logits would fail a
+    correct merge. The published model's bf16 weights convert to float32 exactly."""
+    return replace(rt, compute_dtype="float32", weights_dtype="float32", mixed_precision="no",
+                   reasons={**rt.reasons, "compute_dtype": "float32: the merge check compares in float32"})
+
+
 def merge(quantized_dir: Path, original_dir: Path, adapter_dir: Path, out_dir: Path, into: str = "quantized",
           save_dtype: torch.dtype = torch.bfloat16, rt: Runtime | None = None, corrupt: float = 0.0) -> dict:
     """Merge the adapter into `into` (quantized: dequant(Q(W)); original: W) in float32 and save the

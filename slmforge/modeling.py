@@ -298,7 +298,7 @@ def on_gpu() -> bool:
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16, quant_type: str = "nf4",
                double_quant: bool = True, quant_storage: str = "uint8"):
     """The tutorial's §4 settings: 8-bit LLM.int8, or 4-bit NF4 with double quant (packed weights
-    stored as uint8, or in the compute dtype for FSDP-QLoRA)."""
+    stored as `quant_storage`, uint8 by default)."""
     from transformers import BitsAndBytesConfig
 
     if mode == "8bit":
@@ -325,15 +325,11 @@ def load_model(model_dir: Path, mode: str = "weights", rt: Runtime | None = None
     from transformers import AutoModelForCausalLM
 
     rt = rt or decide()
-    kwargs: dict = {"device_map": rt.device_map, "attn_implementation": rt.attn}
+    kwargs: dict = {"device_map": rt.device_map, "dtype": load_dtype(mode, rt)}
     if mode in ("4bit", "8bit"):
         kwargs["quantization_config"] = bnb_config(mode, rt.compute_torch_dtype, quant_type, double_quant,
                                                    quant_storage)
-        kwargs["dtype"] = rt.weights_torch_dtype
-    elif mode in ("saved", "weights"):  # saved: the checkpoint's config carries its quantization
-        kwargs["dtype"] = rt.weights_torch_dtype
-    else:
-        kwargs["dtype"] = UNQUANTIZED[mode]
+    kwargs["attn_implementation"] = rt.for_load(kwargs["dtype"]).attn  # no FlashAttention 2 in float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -344,6 +340,12 @@ def load_model(model_dir: Path, mode: str = "weights", rt: Runtime | None = None
         keep_4bit_unpacked(model)
     model.eval()
     return model
+
+
+def load_dtype(mode: str, rt: Runtime) -> torch.dtype:
+    """The dtype of a `load_model` mode's unquantized modules (saved: the checkpoint's config carries
+    its quantization; weights: the runtime's)."""
+    return UNQUANTIZED.get(mode, rt.weights_torch_dtype)
 
 
 def set_compute_dtype(model, dtype: torch.dtype) -> None:

@@ -30,22 +30,51 @@ class Hardware:
     gpus: int = 0
     gpu_name: str | None = None
     gpu_bf16: bool = False  # Ampere or newer
-    flash_attn: bool = False  # the flash_attn package is importable
+    flash_attn: bool = False  # the flash_attn package imports (transformers' is_flash_attn_2_available)
     cpu_threads: int = 1
     cpu_cores: int = 1  # logical CPUs of the machine (torch may use fewer threads)
     gpu_free_gb: float | None = None  # free memory of this process's GPU when probed (None: unknown)
     liger: bool = False  # the liger_kernel package is importable (fused linear cross-entropy, kernels)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES when probed (None: not set)
 
     @classmethod
     def probe(cls, local_rank: int = 0) -> "Hardware":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         free = torch.cuda.mem_get_info(local_rank)[0] / 1e9 if gpus else None
         return cls(gpus=gpus,
-                   gpu_name=torch.cuda.get_device_name(0) if gpus else None,
-                   gpu_bf16=bool(gpus) and torch.cuda.is_bf16_supported(),
-                   flash_attn=importlib.util.find_spec("flash_attn") is not None,
+                   gpu_name=torch.cuda.get_device_name(local_rank) if gpus else None,
+                   gpu_bf16=bool(gpus) and native_bf16(local_rank),
+                   flash_attn=bool(gpus) and flash_attn_importable(),
                    cpu_threads=torch.get_num_threads(), cpu_cores=os.cpu_count() or 1,
-                   gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None)
+                   gpu_free_gb=free, liger=importlib.util.find_spec("liger_kernel") is not None,
+                   visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    @property
+    def gpus_hidden(self) -> bool:
+        """No GPU because CUDA_VISIBLE_DEVICES is set to none ("" or -1), not because the machine has none."""
+        return not self.gpus and self.visible_devices is not None and self.visible_devices.strip() in ("", "-1")
+
+
+def native_bf16(device: int = 0) -> bool:
+    """bf16 in hardware: compute capability 8 (Ampere) or newer. Not `torch.cuda.is_bf16_supported()`,
+    whose default (`including_emulation=True`) answers True on a T4 or V100 too, where bf16 is emulated
+    and FlashAttention 2 does not run."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def flash_attn_importable() -> bool:
+    """FlashAttention 2 usable here: transformers' own test (a `flash-attn` distribution, version
+    >= 2.3.3, CUDA available), then the import itself. Neither `find_spec("flash_attn")` nor that test
+    imports it: a wheel built for another torch or CUDA is found, then fails at the model's load."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # noqa: BLE001 - ImportError, or OSError from a CUDA extension built for another torch
+        return False
+    return True
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -79,7 +108,7 @@ class Runtime:
     gradient_checkpointing: bool
     optim: str
     reasons: dict = field(default_factory=dict)
-    liger: bool = False  # Liger's fused linear cross-entropy and kernels in training (trl's use_liger_kernel)
+    liger: bool = False  # Liger's layer kernels in training (trl's use_liger_kernel; trl keeps its own LM head loss)
 
     @property
     def on_gpu(self) -> bool:
@@ -98,11 +127,20 @@ class Runtime:
         """The `load_model` mode of an unquantized load."""
         return LOAD_MODES[self.weights_dtype]
 
+    def for_load(self, dtype: torch.dtype) -> "Runtime":
+        """The runtime of one load in `dtype`: FlashAttention 2 runs only fp16/bf16, so a float32 load
+        (compare's fp32 rows, the merge's fp32 base) takes SDPA, and the record says why."""
+        if self.attn != "flash_attention_2" or dtype not in (torch.float32, torch.float64):
+            return self
+        return replace(self, attn="sdpa", reasons={**self.reasons, "attn": (
+            "sdpa: this load is float32, which FlashAttention 2 does not run (the fp16/bf16 loads use it)")})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.device} (device_map {self.device_map}), 4-bit compute {self.compute_dtype}, weights "
+        where = f"device_map {self.device_map}" if self.on_gpu else self.reasons.get("device_map", "no GPU")
+        return (f"{self.device} ({where}), 4-bit compute {self.compute_dtype}, weights "
                 f"{self.weights_dtype}, mixed precision {self.mixed_precision}, attention {self.attn}, gradient "
                 f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optim}, "
                 f"Liger {'on' if self.liger else 'off'}")
@@ -134,7 +172,8 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
         optim = "adamw_torch_fused"
     else:
         device, device_map = "cpu", "cpu"
-        reasons["device_map"] = "no GPU"
+        reasons["device_map"] = (f"no GPU: CUDA_VISIBLE_DEVICES={hw.visible_devices!r} hides every GPU, so this runs "
+                                 "on the CPU" if hw.gpus_hidden else "no GPU")
         if compute_dtype == "float16":
             raise RuntimeSettingError("model.compute_dtype: float16 needs a GPU (CPUs have no fast float16 "
                                       "matmuls); use auto (float32) or bfloat16")
@@ -155,6 +194,9 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
     elif attn == "flash_attention_2" and not (hw.gpus and hw.flash_attn):
         raise RuntimeSettingError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn "
                                   "package; use auto or sdpa")
+    elif attn == "flash_attention_2" and not hw.gpu_bf16:
+        raise RuntimeSettingError(f"model.attn_implementation: flash_attention_2 needs an Ampere or newer GPU "
+                                  f"(compute capability 8+), not {hw.gpu_name or 'this GPU'}; use auto or sdpa")
     else:
         reasons["attn"] = f"{attn}: set by model.attn_implementation"
     if gradient_checkpointing == "auto":
@@ -166,7 +208,7 @@ def decide(compute_dtype: str = "auto", attn: str = "auto", gradient_checkpointi
         checkpointing = bool(gradient_checkpointing)
         reasons["gradient_checkpointing"] = "set by train.gradient_checkpointing"
     liger = bool(hw.gpus) and hw.liger
-    reasons["liger"] = ("on: liger_kernel installed (fused linear cross-entropy: no full logits)" if liger
+    reasons["liger"] = ("on: liger_kernel installed (its layer kernels; trl's chunked LM head computes the loss)" if liger
                         else "off: " + ("needs a GPU (Triton kernels)" if not hw.gpus else "liger_kernel not installed"))
     return Runtime(device=device, device_map=device_map, compute_dtype=compute, weights_dtype=weights,
                    mixed_precision=mixed, attn=attn, gradient_checkpointing=checkpointing, optim=optim,
@@ -190,14 +232,18 @@ class MemoryPlan:
 
 
 def plan_memory(shape, hw: Hardware, *, micro_batch: int, grad_accum: int, cap: int, seq_len: int, lora_r: int,
-                checkpointing: bool | str = "auto", liger: bool = False) -> MemoryPlan:
+                checkpointing: bool | str = "auto", label_smoothing: float = 0.0) -> MemoryPlan:
     """On a GPU with known free memory, the split of this process's share of the effective batch:
     without gradient checkpointing at the largest micro-batch that fits, if one at least as large
     as the configured `micro_batch` does (recomputing costs about a third more compute); else with
     checkpointing at the largest micro-batch that fits. Every micro-batch is a divisor of the share
     and at most `cap`. `checkpointing` True/False (the setting) is kept: only the micro-batch moves.
     On a CPU, or with unknown free memory, the configured split stays. A wrong estimate is caught by
-    the out-of-memory retry, which lowers `cap`."""
+    the out-of-memory retry, which lowers `cap`.
+
+    Full logits (vocabulary x 10 bytes a token) are counted only with `train.label_smoothing`: trl's
+    SFTTrainer otherwise scores through its chunked LM head (`trl.kernels.chunked_logprob`), which
+    never builds them, Liger or not (trl turns Liger's fused cross-entropy off in favour of its own)."""
     from slmforge.memory import lora_training_bytes
 
     share = micro_batch * grad_accum
@@ -208,18 +254,20 @@ def plan_memory(shape, hw: Hardware, *, micro_batch: int, grad_accum: int, cap: 
     if hw.gpu_free_gb is None:
         return replace(keep, reason="free GPU memory unknown: the configured micro-batch")
     budget = hw.gpu_free_gb * GPU_MEMORY_SHARE
+    full_logits = label_smoothing > 0  # the smoothed loss's logits (training.trainer_class); else trl's chunked head
+    logits_note = "full logits counted: train.label_smoothing" if full_logits else "no full logits: trl's chunked LM head"
     sizes = sorted((d for d in range(1, min(cap, share) + 1) if share % d == 0), reverse=True)
 
     def gb(micro: int, ckpt: bool) -> float:
         return lora_training_bytes(shape, r=lora_r, seq_len=seq_len, batch_size=micro, gradient_checkpointing=ckpt,
-                                   full_logits=not liger)["total"] / 1e9
+                                   full_logits=full_logits)["total"] / 1e9
 
     def plan(micro: int, ckpt: bool, why: str) -> MemoryPlan:
         est = gb(micro, ckpt)
         return MemoryPlan(micro, share // micro, ckpt, round(est, 2), round(budget, 2),
                           f"micro-batch {micro} x accumulation {share // micro}, checkpointing {'on' if ckpt else 'off'}"
                           f" ({why}): estimated {est:.1f} GB of {budget:.1f} GB ({GPU_MEMORY_SHARE:.0%} of "
-                          f"{hw.gpu_free_gb:.1f} GB free)")
+                          f"{hw.gpu_free_gb:.1f} GB free; {logits_note})")
 
     if checkpointing == "auto":
         for micro in (m for m in sizes if m >= min(micro_batch, sizes[0])):
@@ -252,7 +300,6 @@ class ProcessPlan:
     micro_batch: int
     grad_accum: int
     backend: str  # "nccl" | "gloo"
-    fsdp: bool
     reason: str
 
     @property
@@ -261,7 +308,7 @@ class ProcessPlan:
 
 
 def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | None = None) -> ProcessPlan:
-    """`train.processes`/`nnodes`/`fsdp` + hardware -> ProcessPlan, refused here (naming the field)
+    """`train.processes`/`nnodes` + hardware -> ProcessPlan, refused here (naming the field)
     when the hardware or the batch cannot be split that way. `micro_batch` is a smaller per-step
     micro-batch an out-of-memory retry chose (per process)."""
     hw = hw or Hardware.probe()
@@ -278,9 +325,13 @@ def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | Non
         if not hw.gpus and per_node > max(hw.cpu_cores, 1):
             raise RuntimeSettingError(f"train.processes: {per_node} CPU processes on {hw.cpu_cores} cores")
     world = per_node * train_cfg.nnodes
-    if train_cfg.fsdp and not hw.gpus:
-        raise RuntimeSettingError("train.fsdp: FSDP-QLoRA needs GPUs (bitsandbytes' 4-bit sharding runs on CUDA); "
-                                  "on CPU use train.processes alone (DDP over gloo)")
+    if world == 1 and hw.gpus > 1:  # trains in the stage's own process, which already sees every GPU
+        raise RuntimeSettingError(
+            f"train.processes: 1 process but {hw.gpus} GPUs visible: the trainer would spread it over all of them "
+            "with DataParallel, which trl refuses; use auto (one process per GPU), or give the run one GPU "
+            "(CUDA_VISIBLE_DEVICES=0 in the work pool's env)")
+    if hw.gpus_hidden:
+        why += f"; CUDA_VISIBLE_DEVICES={hw.visible_devices!r} hides every GPU: training on the CPU"
     if effective % world:
         raise RuntimeSettingError(f"train.batch_size: the effective batch {effective} (batch_size x grad_accum) "
                                   f"does not split over {world} processes; make it a multiple of {world}")
@@ -288,6 +339,6 @@ def plan_processes(train_cfg, hw: Hardware | None = None, micro_batch: int | Non
     micro = min(micro_batch or train_cfg.batch_size, share)
     micro = max(d for d in range(1, micro + 1) if share % d == 0)
     return ProcessPlan(per_node=per_node, world=world, micro_batch=micro, grad_accum=share // micro,
-                       backend="nccl" if hw.gpus else "gloo", fsdp=train_cfg.fsdp,
+                       backend="nccl" if hw.gpus else "gloo",
                        reason=f"{why}; {world} process(es) x micro-batch {micro} x accumulation {share // micro} "
                               f"= effective batch {effective}")

@@ -359,7 +359,7 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         fp16=rt.mixed_precision == "fp16",  # with the Trainer's loss scaling
         use_cpu=not rt.on_gpu,
         gradient_checkpointing=False,  # attach_adapter switched it on already where rt says so
-        use_liger_kernel=rt.liger,  # fused linear cross-entropy (no full logits) and Liger's kernels
+        use_liger_kernel=rt.liger,  # Liger's layer kernels (trl keeps its chunked LM head for the loss)
         max_length=pack_length,  # None unpacked: the prepare stage already applied data.max_length
         packing=cfg.packing,
         padding_free=cfg.joins_rows,  # packing implies it in trl
@@ -375,20 +375,7 @@ def sft_config(cfg: TrainConfig, rt: Runtime, output_dir: Path, micro_batch: int
         disable_tqdm=False,
         # DDP (torchrun): only the adapter trains, every step uses every LoRA parameter
         ddp_find_unused_parameters=False,
-        **fsdp_arguments(cfg),
     )
-
-
-def fsdp_arguments(cfg: TrainConfig) -> dict:
-    """FSDP-QLoRA (`train.fsdp`): the trainer's FSDP settings as the FSDP-QLoRA recipe (Answer.AI,
-    accelerate's docs) has them: full sharding wrapped per decoder layer, the base loaded on CPU once
-    (rank 0) and broadcast, the original parameters kept for peft, a sharded state dict for
-    checkpoints. The 4-bit weights are stored in the compute dtype (`model.quant_storage`, checked by the config)."""
-    if not getattr(cfg, "fsdp", False):
-        return {}
-    return {"fsdp": "full_shard auto_wrap",
-            "fsdp_config": {"cpu_ram_efficient_loading": True, "sync_module_states": True, "use_orig_params": False,
-                            "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": False}}
 
 
 def save_adapter(peft_model, tokenizer, out_dir: Path, result: TrainResult) -> None:

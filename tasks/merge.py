@@ -44,9 +44,10 @@ def run_merge(adapter: dict, base: dict, dataset: dict, cfg: MergeConfig, eval_c
             tokenizer = M.load_tokenizer(adapter_dir)
             tokenizer.save_pretrained(staging)
             faults.kill_point("merge", store.cache_dir, log)
-            # the check reads the files that will be committed, loaded as evaluation loads them
-            published = M.load_model(staging, "weights", rt)
-            trained = G.load_trained(quantized_dir, adapter_dir, rt)
+            # the check reads the files that will be committed, both sides in float32 on rt's device
+            check_rt = G.check_runtime(rt)
+            published = M.load_model(staging, "weights", check_rt)
+            trained = G.load_trained(quantized_dir, adapter_dir, check_rt)
             check = G.check_published(trained, published, tokenizer, check_records(store, dataset, cfg.check_items),
                                       eval_cfg.max_new_tokens, eval_cfg.batch_size, cfg.max_logit_diff,
                                       cfg.min_answer_agreement)

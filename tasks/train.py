@@ -73,7 +73,8 @@ def fit_to_gpu_memory(store: ArtifactStore, base: dict, dataset: dict, lora: Lor
     share = micro * accum
     plan = R.plan_memory(ModelShape.from_config(config), hw or R.Hardware.probe(), micro_batch=micro, grad_accum=accum,
                          cap=max(MIN_MICRO_BATCH, share >> halvings), seq_len=dataset.get("max_length") or 512,
-                         lora_r=lora.r, checkpointing=cfg.gradient_checkpointing, liger=rt.liger)
+                         lora_r=lora.r, checkpointing=cfg.gradient_checkpointing,
+                         label_smoothing=cfg.label_smoothing)
     log(f"memory plan: {plan.reason}")
     rt = replace(rt, gradient_checkpointing=plan.gradient_checkpointing,
                  reasons={**rt.reasons, "gradient_checkpointing": plan.reason})
@@ -247,7 +248,8 @@ def memory_advice(cfg: TrainConfig, lora: LoraSettings, base: dict, store: Artif
         shape = ModelShape.from_config(config)
         est = {checkpointing: qlora_training_bytes(shape, r=lora.r, target_modules=lora.target_modules,
                                                    seq_len=max_tokens, batch_size=1,
-                                                   gradient_checkpointing=checkpointing)["total"] / GB
+                                                   gradient_checkpointing=checkpointing,
+                                                   full_logits=cfg.label_smoothing > 0)["total"] / GB
                for checkpointing in (False, True)}
         have = ""
         if torch.cuda.is_available():

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from slmforge.config import ConfigError, LoraSettings, TrainConfig, load_config
-from slmforge.runtime import Hardware, RuntimeSettingError, plan_processes
+from slmforge.runtime import Hardware, RuntimeSettingError, decide, plan_processes
 from test_faults import _copy_store, _quiet, _run_training_process, _train_losses, prepared  # noqa: F401
 
 TWO = dict(processes=2, max_steps=4, batch_size=2, save_steps=2, logging_steps=1, learning_rate=1e-3,
@@ -108,15 +108,7 @@ def test_a_failed_rank_fails_the_stage_with_its_own_error(prepared, tmp_path, mo
     (["train.nnodes=2", "train.rdzv_endpoint=node0"], "train.rdzv_endpoint"),
     (["train.node_rank=1"], "train.node_rank"),
     (["train.fsdp=true"], "train.fsdp"),
-    (["train.fsdp=true", "train.processes=auto"], "train.fsdp"),  # quant_storage still uint8
-    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "model.compute_dtype=float16"],
-     "model.quant_storage"),
-    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=float32", "model.compute_dtype=float32"],
-     "train.fsdp"),
-    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "model.load_in_4bit=false"],
-     "train.fsdp"),
-    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16", "train.packing=true"],
-     "train.fsdp"),
+    (["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16"], "train.fsdp"),
 ])
 def test_bad_scale_out_settings_are_refused_naming_the_field(sets, field):
     with pytest.raises(ConfigError) as err:
@@ -125,8 +117,8 @@ def test_bad_scale_out_settings_are_refused_naming_the_field(sets, field):
 
 
 def test_good_scale_out_settings_pass():
-    cfg = load_config(overrides=["train.processes=auto", "train.fsdp=true", "model.quant_storage=bfloat16"])
-    assert cfg.train.fsdp and cfg.model.quant_storage == "bfloat16"
+    cfg = load_config(overrides=["train.processes=auto"])
+    assert cfg.train.processes == "auto" and not cfg.train.fsdp
     cfg = load_config(overrides=["train.processes=8", "train.nnodes=4", "train.node_rank=3",
                                  "train.rdzv_endpoint=10.0.0.1:29400", "train.batch_size=32"])
     assert cfg.train.nnodes == 4
@@ -160,7 +152,6 @@ def test_an_out_of_memory_retry_shrinks_each_process_micro_batch():
     ({"processes": 4}, Hardware(gpus=2, gpu_bf16=True), "train.processes"),
     ({"processes": 3}, CPU2, "train.processes"),
     ({"processes": 2, "batch_size": 3}, CPU2, "train.batch_size"),
-    ({"processes": 2, "fsdp": True}, CPU2, "train.fsdp"),
 ])
 def test_process_plans_the_hardware_cannot_run_are_refused(settings, hw, field):
     with pytest.raises(RuntimeSettingError) as err:
@@ -168,18 +159,22 @@ def test_process_plans_the_hardware_cannot_run_are_refused(settings, hw, field):
     assert str(err.value).startswith(f"{field}:"), str(err.value)
 
 
-def test_fsdp_settings_reach_the_trainer_and_the_4bit_storage():
-    from slmforge.modeling import bnb_config
-    from slmforge.training import fsdp_arguments
+def test_fsdp_is_refused_in_one_line_naming_the_field_and_why():
+    """FSDP-QLoRA as written never sharded what its settings said (issue 36); DDP with a whole 4-bit
+    replica per GPU is what train.processes runs. The trainer gets no FSDP settings at all."""
+    from pydantic import ValidationError
 
-    assert fsdp_arguments(TrainConfig()) == {}
-    args = fsdp_arguments(TrainConfig(processes=2, fsdp=True))
-    assert args["fsdp"] == "full_shard auto_wrap"
-    assert args["fsdp_config"]["cpu_ram_efficient_loading"] and args["fsdp_config"]["state_dict_type"] == \
-        "SHARDED_STATE_DICT"
-    import torch
+    from slmforge.training import sft_config
 
-    assert bnb_config("4bit", quant_storage="bfloat16").bnb_4bit_quant_storage == torch.bfloat16
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["train.fsdp=true", "train.processes=auto", "model.quant_storage=bfloat16"])
+    message = str(err.value)
+    assert message.startswith("train.fsdp: FSDP-QLoRA is not supported") and "\n" not in message
+    assert "train.processes" in message and "DDP" in message
+    with pytest.raises(ValidationError, match="train.fsdp: FSDP-QLoRA is not supported"):
+        TrainConfig(processes=2, fsdp=True)
+    args = sft_config(TrainConfig(processes=2), decide(hw=CPU2), "/tmp/unused", 4, 1, None, False, 10)
+    assert not args.fsdp and not args.fsdp_config
 
 
 def test_other_nodes_get_the_torchrun_command_for_their_rank():
@@ -194,3 +189,27 @@ def test_other_nodes_get_the_torchrun_command_for_their_rank():
     assert cmd[-3:] == ["-m", "tasks.train_ranks", "s3://b/store/jobs/abc.json"]
     assert "--standalone" in torchrun_command(plan_processes(TrainConfig(processes=2), CPU2), TrainConfig(processes=2),
                                               "job.json")
+
+
+def test_one_process_on_several_gpus_is_refused_and_auto_takes_them_all():
+    """One process seeing several GPUs: HF's Trainer wraps it in DataParallel and trl refuses that."""
+    node = Hardware(gpus=4, gpu_name="NVIDIA A100", gpu_bf16=True)
+    with pytest.raises(RuntimeSettingError, match=r"^train.processes: 1 process but 4 GPUs visible.*auto"):
+        plan_processes(TrainConfig(), node)
+    plan = plan_processes(TrainConfig(processes="auto", batch_size=8), node)
+    assert (plan.per_node, plan.world, plan.backend) == (4, 4, "nccl") and plan.distributed
+    assert plan_processes(TrainConfig(), Hardware(gpus=1, gpu_bf16=True)).world == 1  # one GPU: in the stage
+
+
+def test_gpus_hidden_by_an_empty_device_list_are_said_not_silently_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = Hardware.probe()
+    assert hw.gpus == 0 and hw.gpus_hidden
+    rt = decide(hw=hw)
+    assert rt.device == "cpu" and "CUDA_VISIBLE_DEVICES='' hides every GPU" in rt.describe()
+    assert "hides every GPU" in plan_processes(TrainConfig(), hw).reason
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert not Hardware.probe().gpus_hidden and decide(hw=Hardware.probe()).reasons["device_map"] == "no GPU"

@@ -84,3 +84,46 @@ def test_a_corrupted_merge_is_caught(tiny_model_dir, quantized_dir, adapter_dir,
 def test_merge_into_an_unknown_base_is_refused(tiny_model_dir, quantized_dir, adapter_dir, tmp_path):
     with pytest.raises(ValueError, match="merge.into"):
         G.merge(quantized_dir, tiny_model_dir, adapter_dir, tmp_path / "merged", "somewhere")
+
+
+def test_the_stage_checks_in_float32_whatever_the_runtime_computes_in(tiny_model_dir, quantized_dir, adapter_dir,
+                                                                       records, tmp_path, monkeypatch):
+    """A GPU runtime computes in bf16 (here: the same decision on CPU); the check's tolerances come from
+    float32, so both sides of the comparison load and compute in float32."""
+    import shutil
+    from dataclasses import replace
+
+    import torch
+
+    import tasks.merge as TM
+    from slmforge.config import EvalConfig, MergeConfig
+    from slmforge.records import write_jsonl
+    from slmforge.storage import ArtifactStore
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    for key, src in [("q", quantized_dir), ("b", tiny_model_dir), ("a", adapter_dir)]:
+        staging = store.staging_dir(key)
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+        if key == "a":  # the train stage saves the tokenizer with the adapter
+            M.load_tokenizer(tiny_model_dir).save_pretrained(staging)
+        store.commit_dir(staging, key)
+    staging = store.staging_dir("d")
+    write_jsonl(staging / "validation.jsonl", records)
+    store.commit_dir(staging, "d")
+    bf16 = replace(decide(), compute_dtype="bfloat16", weights_dtype="bfloat16", mixed_precision="bf16")
+    monkeypatch.setattr(TM, "for_config", lambda model_cfg: bf16)
+    seen = {}
+    real = G.check_published
+
+    def spy(trained, published, *args, **kwargs):
+        seen["published"] = {p.dtype for p in published.parameters()}
+        seen["trained"] = {p.dtype for n, p in trained.named_parameters() if p.is_floating_point()}
+        seen["compute"] = {m.compute_dtype for m in trained.modules() if hasattr(m, "compute_dtype")}
+        return real(trained, published, *args, **kwargs)
+
+    monkeypatch.setattr(G, "check_published", spy)
+    out = TM.run_merge({"key": "a"}, {"quantized": {"key": "q"}, "base": {"key": "b"}}, {"key": "d"},
+                       MergeConfig(check_items=4), EvalConfig(max_new_tokens=8, batch_size=4), store, log=lambda m: None)
+    assert seen["published"] == {torch.float32} and seen["trained"] == {torch.float32}
+    assert seen["compute"] == {torch.float32}
+    assert out["merge_check"]["within_tolerance"] and out["runtime"]["compute_dtype"] == "bfloat16"

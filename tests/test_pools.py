@@ -28,7 +28,7 @@ def secret_blocks(prefect_api):
     Secret(value=FAKE_KEY).save(SECRET_KEY, overwrite=True)
 
 
-def _render(pool_type: str, **options):
+def _render(pool_type: str, cuda_visible_devices: str | None = None, **options):
     """What the worker does with a flow run: template + job variables -> configuration -> prepared."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
@@ -37,7 +37,8 @@ def _render(pool_type: str, **options):
         from prefect_docker.worker import DockerWorker as Worker
     else:
         from prefect_kubernetes.worker import KubernetesWorker as Worker
-    env = job_env("http://s3.internal:8333", "us-east-1", "0", credentials_in_secrets=True, pool_type=pool_type)
+    env = job_env("http://s3.internal:8333", "us-east-1", cuda_visible_devices, credentials_in_secrets=True,
+                  pool_type=pool_type)
     template = base_job_template(pool_type, env, image=IMAGE, **options)
 
     async def build():
@@ -51,7 +52,7 @@ def _render(pool_type: str, **options):
 
 
 def test_docker_job_gets_the_gpus_the_image_and_no_secret(secret_blocks):
-    config, rendered = _render("docker")
+    config, rendered = _render("docker", cuda_visible_devices="0")
     assert config.image == IMAGE
     assert config.container_create_kwargs["device_requests"] == [GPU_REQUEST]
     env = config.env
@@ -71,7 +72,8 @@ def test_kubernetes_job_requests_gpus_on_the_chosen_nodes_with_no_secret(secret_
     assert pod["nodeSelector"] == NODES and pod["tolerations"] == TOLERATIONS
     assert container["envFrom"] == [{"secretRef": {"name": "slmforge-s3"}}]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["SLMFORGE_STORE_SECRET_BLOCKS"] == f"{SECRET_KEY_ID},{SECRET_KEY}"
+    assert "CUDA_VISIBLE_DEVICES" not in env, "the pod's 2 GPUs stay visible (train.processes=auto: one rank each)"
+    assert env["SLMFORGE_STORE_SECRET_BLOCKS"] == f"{SECRET_KEY_ID},{SECRET_KEY}"
     assert "PREFECT__FLOW_RUN_ID" in env
     assert FAKE_ID not in rendered and FAKE_KEY not in rendered
 
@@ -118,3 +120,19 @@ def test_a_docker_pool_deployment_runs_the_flow_from_the_image(prefect_api, tmp_
         parent = client.read_deployment_by_name("compare/on-demand")
         assert parent.work_pool_name == "control" and client.read_work_pool("control").type == "process"
         assert "image" not in (parent.job_variables or {})
+
+
+def test_the_pool_leaves_the_gpus_visible_unless_told_and_refuses_hiding_them_all():
+    """Issue 36: CUDA_VISIBLE_DEVICES=0 was forced on every run (a 2-GPU pod trained on one), and an
+    empty list silently trained on the CPU."""
+    import inspect
+
+    from deployments.deploy import deploy_all, main
+
+    assert "CUDA_VISIBLE_DEVICES" not in job_env(None, None, None, credentials_in_secrets=False)
+    assert inspect.signature(deploy_all).parameters["cuda_visible_devices"].default is None
+    assert job_env(None, None, "0,1", credentials_in_secrets=False)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    for hidden in ("", " ", "-1"):
+        with pytest.raises(ValueError, match="--cuda-visible-devices .*hides every GPU"):
+            job_env(None, None, hidden, credentials_in_secrets=False)
+    assert main(["--cuda-visible-devices", "", "--api-url", "http://127.0.0.1:9/api"]) == 2  # before any API call

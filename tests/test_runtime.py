@@ -166,11 +166,11 @@ H200_FREE = Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, gpu_free_gb=
 T4_FREE = Hardware(gpus=1, gpu_name="Tesla T4", gpu_bf16=False, gpu_free_gb=15.0)
 
 
-def _plan(model_id, hw, micro=4, accum=4, cap=None, checkpointing="auto", liger=False, seq_len=512):
+def _plan(model_id, hw, micro=4, accum=4, cap=None, checkpointing="auto", label_smoothing=0.0, seq_len=512):
     from slmforge.runtime import plan_memory
 
     return plan_memory(_shape(model_id), hw, micro_batch=micro, grad_accum=accum, cap=cap or micro * accum,
-                       seq_len=seq_len, lora_r=16, checkpointing=checkpointing, liger=liger)
+                       seq_len=seq_len, lora_r=16, checkpointing=checkpointing, label_smoothing=label_smoothing)
 
 
 def test_a_big_gpu_takes_the_whole_batch_in_one_micro_batch_without_checkpointing():
@@ -199,11 +199,25 @@ def test_an_out_of_memory_retry_caps_the_micro_batch():
     assert (p.micro_batch, p.grad_accum) == (8, 2) and not p.gradient_checkpointing
 
 
-def test_liger_drops_the_logits_from_the_estimate():
+def test_the_plan_counts_full_logits_only_where_the_loss_builds_them():
+    """trl 1.16 scores through its chunked LM head (never the batch x length x vocabulary logits),
+    Liger or not; only slmforge's label-smoothed loss builds them (training.trainer_class)."""
+    from slmforge.memory import lora_training_bytes
+
     tight = Hardware(gpus=1, gpu_name="NVIDIA L4", gpu_bf16=True, gpu_free_gb=24.0)
-    without, with_liger = _plan(QWEN_3B, tight), _plan(QWEN_3B, tight, liger=True)
-    assert with_liger.estimate_gb < without.estimate_gb
-    assert with_liger.micro_batch >= without.micro_batch
+    plain, smoothed = _plan(QWEN_3B, tight), _plan(QWEN_3B, tight, label_smoothing=0.1)
+    shape = _shape(QWEN_3B)
+    fused = lora_training_bytes(shape, r=16, seq_len=512, batch_size=plain.micro_batch,
+                                gradient_checkpointing=plain.gradient_checkpointing, full_logits=False)["total"] / 1e9
+    assert plain.estimate_gb == round(fused, 2) and "chunked LM head" in plain.reason
+    logits = lora_training_bytes(shape, seq_len=512, batch_size=smoothed.micro_batch)["logits"] / 1e9
+    assert logits > 2 and "train.label_smoothing" in smoothed.reason  # Qwen2.5's 152k vocabulary: GBs per batch
+    assert smoothed.estimate_gb >= plain.estimate_gb
+
+
+def test_the_liger_reason_does_not_claim_a_fused_loss():
+    reason = decide(hw=Hardware(gpus=1, gpu_name="NVIDIA H200", gpu_bf16=True, liger=True)).reasons["liger"]
+    assert "layer kernels" in reason and "cross-entropy" not in reason
 
 
 def test_without_free_memory_or_a_gpu_the_configured_split_stays():
@@ -253,5 +267,82 @@ def test_the_train_stage_runs_the_memory_plan_for_its_model(tmp_path, tiny_model
                                               log=lambda m: None, hw=H200_FREE)
     assert (micro, accum, planned.gradient_checkpointing) == (16, 1, False)
     assert "fits without recomputing" in planned.reasons["gradient_checkpointing"]
+    assert "chunked LM head" in planned.reasons["gradient_checkpointing"]
+    smoothed = fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(label_smoothing=0.1), rt, 4, 4, 0,
+                                 log=lambda m: None, hw=H200_FREE)[2]
+    assert "train.label_smoothing" in smoothed.reasons["gradient_checkpointing"]
     assert fit_to_gpu_memory(store, base, dataset, LoraSettings(), TrainConfig(), rt, 4, 4, 2,
                              log=lambda m: None, hw=H200_FREE)[:2] == (4, 4)  # two OOM halvings: at most 16 >> 2
+
+
+# -- the probe itself, with torch.cuda faked (issue 36) --------------------------------------------
+
+def _fake_cuda(monkeypatch, capability, name, gpus=1, flash=False):
+    """torch.cuda as a machine with `gpus` cards of `capability` would answer. `is_bf16_supported`
+    answers True as torch's default (`including_emulation=True`) does on a T4 or V100."""
+    import transformers.utils
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (15 * 10**9, 16 * 10**9))
+    monkeypatch.setattr(cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda *a, **k: flash)
+
+
+@pytest.mark.parametrize("capability,name,bf16", [((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100", False),
+                                                  ((8, 0), "NVIDIA A100", True), ((9, 0), "NVIDIA H100", True)])
+def test_the_probe_decides_bf16_by_compute_capability_not_emulation(monkeypatch, capability, name, bf16):
+    _fake_cuda(monkeypatch, capability, name)
+    hw = Hardware.probe()
+    assert (hw.gpus, hw.gpu_name, hw.gpu_bf16, hw.gpu_free_gb) == (1, name, bf16, 15.0)
+    rt = decide(hw=hw)
+    assert (rt.compute_dtype, rt.mixed_precision) == (("bfloat16", "bf16") if bf16 else ("float16", "fp16"))
+
+
+def test_the_probe_finds_flash_attention_only_where_it_imports(monkeypatch):
+    """`find_spec` says a flash_attn is there; the probe believes transformers' test and the import."""
+    import importlib
+    import importlib.util
+
+    _fake_cuda(monkeypatch, (9, 0), "NVIDIA H100", flash=False)
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "flash_attn" else real_spec(n, *a))
+    assert Hardware.probe().flash_attn is False
+    _fake_cuda(monkeypatch, (9, 0), "NVIDIA H100", flash=True)  # installed, but built for another torch
+    real_import = importlib.import_module
+
+    def broken(n, *a):
+        if n == "flash_attn":
+            raise ImportError("flash_attn_2_cuda: undefined symbol")
+        return real_import(n, *a)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert Hardware.probe().flash_attn is False
+    monkeypatch.setattr(importlib, "import_module", lambda n, *a: object() if n == "flash_attn" else real_import(n, *a))
+    assert Hardware.probe().flash_attn is True
+
+
+def test_flash_attention_2_set_on_a_gpu_without_bf16_is_refused_naming_the_field():
+    with pytest.raises(RuntimeSettingError, match="model.attn_implementation: flash_attention_2 needs an Ampere.*T4"):
+        decide(attn="flash_attention_2", hw=T4)  # flash_attn installed, but a T4
+    assert decide(attn="flash_attention_2", hw=H200_FLASH).attn == "flash_attention_2"
+
+
+def test_a_float32_load_falls_back_from_flash_attention_to_sdpa_and_says_why(tiny_model_dir):
+    """compare's fp32 rows ask the same runtime as its bf16 rows; FlashAttention 2 refuses float32."""
+    from dataclasses import replace
+
+    from slmforge import modeling as M
+
+    rt = decide(hw=H200_FLASH)
+    assert rt.for_load(torch.bfloat16) is rt
+    fp32 = rt.for_load(torch.float32)
+    assert fp32.attn == "sdpa" and "float32" in fp32.reasons["attn"] and rt.attn == "flash_attention_2"
+    # on this CPU a FlashAttention 2 load fails (no flash_attn): the fp32 load must not ask for it
+    cpu_fa2 = replace(decide(hw=CPU), attn="flash_attention_2")
+    model = M.load_model(tiny_model_dir, "fp32", cpu_fa2)
+    assert model.config._attn_implementation == "sdpa"
