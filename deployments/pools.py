@@ -18,6 +18,9 @@ from typing import Any
 POOL_TYPES = ("process", "docker", "kubernetes")
 IMAGE = "slmforge:latest"  # built from deployments/Dockerfile (README: Docker)
 GPU_REQUEST = {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}  # docker run --gpus all
+# Shared memory for NCCL (multi-GPU training) and data loader workers: docker gives a container 64 MB
+# of /dev/shm and a Kubernetes pod the node's default, too little for NCCL's buffers between GPUs.
+SHM_GIB = 16
 
 
 def default_template(pool_type: str) -> dict[str, Any]:
@@ -47,9 +50,9 @@ def _variable(template: dict, name: str, default: Any, kind: str, title: str, de
 
 def base_job_template(pool_type: str, env: dict[str, str], image: str = IMAGE, gpus: int = 1,
                       node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None,
-                      credentials_secret: str | None = None) -> dict[str, Any]:
-    """The pool's base job template: the package default plus the GPU request, the image and the
-    env every flow run starts with."""
+                      credentials_secret: str | None = None, shm_gib: int = SHM_GIB) -> dict[str, Any]:
+    """The pool's base job template: the package default plus the GPU request, shared memory for
+    NCCL, the image and the env every flow run starts with."""
     template = copy.deepcopy(default_template(pool_type))
     props = template["variables"]["properties"]
     props["env"]["default"] = env
@@ -57,8 +60,9 @@ def base_job_template(pool_type: str, env: dict[str, str], image: str = IMAGE, g
         return template
     props["image"]["default"] = image
     if pool_type == "docker":
-        # docker's device requests (`--gpus` is no container setting); per deployment, a job variable
-        props["container_create_kwargs"]["default"] = {"device_requests": [GPU_REQUEST]}
+        # docker's device requests (`--gpus` is no container setting) and `--shm-size`; per deployment,
+        # a job variable
+        props["container_create_kwargs"]["default"] = {"device_requests": [GPU_REQUEST], "shm_size": f"{shm_gib}g"}
         return template
     # kubernetes: GPUs, where the job may run, and the cluster's Secret with the store's keys
     _variable(template, "gpu_count", gpus, "integer", "GPUs", "nvidia.com/gpu requested by the flow run's container")
@@ -72,6 +76,11 @@ def base_job_template(pool_type: str, env: dict[str, str], image: str = IMAGE, g
     container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpu_count }}"
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"
+    # /dev/shm for NCCL: a memory-backed emptyDir (counts against the container's memory limit)
+    _variable(template, "shm_size", f"{shm_gib}Gi", "string", "Shared memory",
+              "Size of the memory-backed /dev/shm (NCCL between GPUs), a Kubernetes quantity, e.g. 16Gi")
+    pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}}]
+    container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     if credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": credentials_secret}}]
     return template

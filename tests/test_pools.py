@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from deployments.deploy import SECRET_KEY, SECRET_KEY_ID, job_env
-from deployments.pools import GPU_REQUEST, base_job_template
+from deployments.pools import GPU_REQUEST, SHM_GIB, base_job_template
 
 FAKE_ID = "FAKEpoolKEYID0123456789"
 FAKE_KEY = "FAKEpoolSECRET/0123456789+abcdefXYZ"
@@ -55,6 +55,7 @@ def test_docker_job_gets_the_gpus_the_image_and_no_secret(secret_blocks):
     config, rendered = _render("docker", cuda_visible_devices="0")
     assert config.image == IMAGE
     assert config.container_create_kwargs["device_requests"] == [GPU_REQUEST]
+    assert config.container_create_kwargs["shm_size"] == f"{SHM_GIB}g", "NCCL needs more than docker's 64 MB /dev/shm"
     env = config.env
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AWS_ENDPOINT_URL"] == "http://s3.internal:8333"
     assert env["SLMFORGE_GPU_LIMIT"] == "gpu" and env["SLMFORGE_STORE_SECRET_BLOCKS"] == f"{SECRET_KEY_ID},{SECRET_KEY}"
@@ -64,9 +65,12 @@ def test_docker_job_gets_the_gpus_the_image_and_no_secret(secret_blocks):
 
 def test_kubernetes_job_requests_gpus_on_the_chosen_nodes_with_no_secret(secret_blocks):
     config, rendered = _render("kubernetes", gpus=2, node_selector=NODES, tolerations=TOLERATIONS,
-                               credentials_secret="slmforge-s3")
+                               credentials_secret="slmforge-s3", shm_gib=32)
     pod = config.job_manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    # NCCL's /dev/shm: a memory-backed emptyDir mounted there
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}]
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     assert container["image"] == IMAGE
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 2
     assert pod["nodeSelector"] == NODES and pod["tolerations"] == TOLERATIONS
@@ -111,7 +115,8 @@ def test_a_docker_pool_deployment_runs_the_flow_from_the_image(prefect_api, tmp_
         pool = client.read_work_pool("gpu-docker")
         assert pool.type == "docker"
         props = pool.base_job_template["variables"]["properties"]
-        assert props["container_create_kwargs"]["default"] == {"device_requests": [GPU_REQUEST]}
+        assert props["container_create_kwargs"]["default"] == {"device_requests": [GPU_REQUEST],
+                                                               "shm_size": f"{SHM_GIB}g"}
         for name in ("finetune/nightly", "compare-model/fan-out"):
             d = client.read_deployment_by_name(name)
             assert d.work_pool_name == "gpu-docker" and d.job_variables["image"] == IMAGE
