@@ -138,9 +138,10 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for adapter init and data order.")
     # -- scaling out (README: Scaling out) --
     processes: int | Literal["auto"] = Field(
-        1, description="Training processes on this node, launched by torchrun with DDP (NCCL on GPUs, gloo on "
-        "CPU), each with a whole replica on its own GPU; `auto` = one per visible GPU (1 on CPU). The effective "
-        "batch (batch_size x grad_accum) is kept: each process takes its share.")
+        "auto", description="Training processes on this node, launched by torchrun with DDP (NCCL on GPUs, gloo on "
+        "CPU), each with a whole replica on its own GPU; `auto` = one per visible GPU (1 on CPU, trained in the "
+        "flow's own process). One process with several GPUs visible is refused. The effective batch "
+        "(batch_size x grad_accum) is kept: each process takes its share.")
     nnodes: int = Field(1, ge=1, description="Nodes taking part (torchrun --nnodes); each other node runs the "
                         "command the train stage logs.")
     node_rank: int = Field(0, ge=0, description="This node's rank (torchrun --node-rank); 0 runs the flow.")
