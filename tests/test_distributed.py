@@ -195,8 +195,8 @@ def test_one_process_on_several_gpus_is_refused_and_auto_takes_them_all():
     """One process seeing several GPUs: HF's Trainer wraps it in DataParallel and trl refuses that."""
     node = Hardware(gpus=4, gpu_name="NVIDIA A100", gpu_bf16=True)
     with pytest.raises(RuntimeSettingError, match=r"^train.processes: 1 process but 4 GPUs visible.*auto"):
-        plan_processes(TrainConfig(), node)
-    plan = plan_processes(TrainConfig(processes="auto", batch_size=8), node)
+        plan_processes(TrainConfig(processes=1), node)
+    plan = plan_processes(TrainConfig(batch_size=8), node)  # the default, auto: one rank per GPU
     assert (plan.per_node, plan.world, plan.backend) == (4, 4, "nccl") and plan.distributed
     assert plan_processes(TrainConfig(), Hardware(gpus=1, gpu_bf16=True)).world == 1  # one GPU: in the stage
 
