@@ -274,6 +274,9 @@ def cmd_recommend(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's ephemeral API server gets 20 s to start; its first start on a fresh machine (creating
+    # and migrating ~/.prefect's database) took longer on a busy 2-core CPU and failed the run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = _parser().parse_args(argv)
     return {"finetune": cmd_finetune, "compare": cmd_compare, "recommend": cmd_recommend, "gc": cmd_gc,
             "up": cmd_up, "down": cmd_down}[args.command](args)
