@@ -98,7 +98,6 @@ def test_five_nights_then_gc_keeps_what_the_policy_keeps(prefect_api, tiny_model
     left = _outputs(store_dir)
     assert left >= {k for k in expected if k.split("/")[0] in {"datasets", "adapters", "merged", "eval"}
                     and not k.startswith("eval/base")}
-    assert sorted(publish_record.entries(store)) == sorted(publish_record.entries(store))  # index readable
     published = publish_record.entries(store)
     assert len(published) == 2, "the newest entry kept at gc time, and night 6's, published after it"
     record = json.loads((store_dir / publish_record.INDEX).read_text())
